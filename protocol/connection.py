@@ -183,6 +183,11 @@ class Connection:
         return self._peer_max_record
 
     @property
+    def peer_window(self) -> int:
+        """Initial credit the peer grants each stream (body bytes before a WINDOW)."""
+        return self._peer_window
+
+    @property
     def max_chunk(self) -> int:
         """Largest body one message may carry towards the peer."""
         return self._peer_max_record - _RECORD_OVERHEAD - MESSAGE_OVERHEAD

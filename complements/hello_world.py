@@ -1,0 +1,3 @@
+class Handler:
+    async def get(self):
+        await self.write('Hello World!')

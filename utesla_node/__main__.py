@@ -1,0 +1,3 @@
+from .cli.node import main
+
+main()

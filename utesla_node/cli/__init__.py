@@ -1,0 +1,1 @@
+"""Command-line interfaces: ``utesla-node`` (node.py) and ``utesla-cli`` (admin.py)."""

@@ -1,0 +1,394 @@
+"""Clients: :class:`Client` for scripts, and the blog-compatible :class:`UTeslaClient`.
+
+::
+
+    from utesla_node import Client
+    async with Client("utesla://127.0.0.1:17000", user="alice", private_key="alice.priv",
+                      node_key="node.pub", token="...") as node:
+        reply = await node.get("/hello_world")       # reply.status, reply.body
+
+Many requests may run concurrently on one client: they share one connection,
+each on its own stream.  After the connection breaks, the next call reconnects.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+from urllib.parse import urlsplit
+
+from protocol import Connection, Role, Settings
+from protocol.crypto import PrivateKey, PublicKey
+from protocol.errors import (BadRequest, ProtocolError, RequestTimeout, Status, StatusError,
+                             Unavailable, error_for_status)
+
+from .keys import load_private_key, load_public_key
+from .transport import ConnectionLost, Session, Stream
+
+__all__ = ["Client", "Reply", "ResponseStream", "UTeslaClient", "parse_url", "DEFAULT_PORT"]
+
+DEFAULT_PORT = 17000
+
+
+def parse_url(url: str) -> tuple[str, int, str]:
+    """``utesla://host:port/path`` (``http://`` accepted) -> (host, port, path)."""
+    if "://" not in url:
+        url = "utesla://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("utesla", "http", "https"):
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r} (use utesla://)")
+    if not parts.hostname:
+        raise ValueError(f"URL {url!r} has no host")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"URL {url!r} has an invalid port") from None
+    return parts.hostname, port, parts.path or "/"
+
+
+@dataclass
+class Reply:
+    """A complete answer: ``status``, ``headers`` and the whole ``body``."""
+
+    status: int
+    headers: dict = field(default_factory=dict)
+    body: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self):
+        return json.loads(self.body)
+
+    def raise_for_status(self) -> "Reply":
+        if not self.ok:
+            raise error_for_status(self.status, self.text or Status(self.status).name)
+        return self
+
+
+class ResponseStream:
+    """A response whose body is read as it arrives: ``async for chunk in resp``."""
+
+    def __init__(self, stream: Stream, status: int, headers: dict, timeout: float | None):
+        self._stream = stream
+        self.status = status
+        self.headers = headers
+        self._timeout = timeout
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iter()
+
+    async def _iter(self):
+        while True:
+            chunk = await asyncio.wait_for(self._stream.read_chunk(), self._timeout)
+            if not chunk:
+                return
+            yield chunk
+
+    async def read(self) -> bytes:
+        return b"".join([c async for c in self])
+
+    def cancel(self) -> None:
+        self._stream.reset(Status.CANCELLED, "cancelled by client")
+
+
+def _as_private(key) -> PrivateKey:
+    return key if isinstance(key, PrivateKey) else load_private_key(key)
+
+
+def _as_public(key) -> PublicKey:
+    return key if isinstance(key, PublicKey) else load_public_key(key)
+
+
+class Client:
+    """An authenticated connection to one node (see the module docstring)."""
+
+    def __init__(self, url: str, *, user: str, private_key, node_key, token: str | None = None,
+                 timeout: float | None = 30.0, connect_timeout: float = 10.0,
+                 settings: Settings | None = None):
+        self.host, self.port, _ = parse_url(url)
+        self.user = user
+        self.private_key = _as_private(private_key)
+        self.node_key = _as_public(node_key)
+        self.token = token
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.settings = settings or Settings()
+        self._session: Session | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def __aenter__(self) -> "Client":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None and self._session.is_open
+
+    async def connect(self) -> Session:
+        """Connect and authenticate (idempotent; reconnects after a broken connection)."""
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self.connected and not self._session.going_away:
+                return self._session
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port, limit=1 << 16),
+                    self.connect_timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise Unavailable(f"cannot connect to {self.host}:{self.port}: "
+                                  f"{exc or 'timed out'}") from None
+            conn = Connection(Role.CLIENT, identity=self.private_key, user=self.user,
+                              server_key=self.node_key, settings=self.settings)
+            session = Session(reader, writer, conn, name=f"{self.host}:{self.port}")
+            session.start()
+            try:
+                await session.wait_ready(self.connect_timeout)
+            except asyncio.TimeoutError:
+                session.close(Status.TIMEOUT, "handshake timed out")
+                raise Unavailable(f"handshake with {self.host}:{self.port} timed out") from None
+            except ConnectionLost as exc:
+                raise Unavailable(f"{self.host}:{self.port} closed the connection during "
+                                  f"the handshake ({exc})") from None
+            self._session = session
+            return session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            session.close(Status.OK, "client closing")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.wait_closed(), 2.0)
+
+    # -------------------------------------------------------------- requests
+
+    async def _open(self, method: str, path: str, args, body, headers, token,
+                    envelope=None) -> Stream:
+        if not path.startswith("/"):
+            path = "/" + path
+        session = await self.connect()
+        if isinstance(body, str):
+            body = body.encode()
+        first, rest = b"", None
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            limit = min(session.conn.peer_window, session.conn.max_chunk)
+            first, rest = bytes(body[:limit]), bytes(body[limit:])
+        elif body is not None and not hasattr(body, "__aiter__") and not hasattr(body, "read"):
+            raise TypeError("body must be bytes, str, a file object or an async iterable")
+        streaming = rest is None
+        end = not streaming and not rest
+        try:
+            stream = session.open_stream(method, path, token=token or self.token, args=args,
+                                         headers=headers, body=first, end=end,
+                                         envelope=envelope)
+        except ConnectionLost:
+            session = await self.connect()     # the old one went away: one fresh try
+            stream = session.open_stream(method, path, token=token or self.token, args=args,
+                                         headers=headers, body=first, end=end,
+                                         envelope=envelope)
+        if not end:
+            asyncio.get_running_loop().create_task(self._upload(stream, rest if not streaming
+                                                                else body))
+        return stream
+
+    @staticmethod
+    async def _upload(stream: Stream, body) -> None:
+        """Send the rest of a request body; failures surface on the response side."""
+        try:
+            if isinstance(body, (bytes, bytearray)):
+                await stream.send_body(body, end=True)
+            elif hasattr(body, "__aiter__"):
+                async for chunk in body:
+                    if isinstance(chunk, str):
+                        chunk = chunk.encode()
+                    await stream.send_body(chunk)
+                await stream.end()
+            else:  # a binary file object
+                loop = asyncio.get_running_loop()
+                while True:
+                    chunk = await loop.run_in_executor(None, body.read, 256 * 1024)
+                    if not chunk:
+                        break
+                    await stream.send_body(chunk)
+                await stream.end()
+        except (StatusError, ProtocolError):
+            pass  # the stream was reset or the connection lost: the reader sees why
+
+    async def request(self, method: str, path: str, *, args: dict | None = None,
+                      body=b"", headers: dict | None = None, token: str | None = None,
+                      timeout: float | None = ..., check: bool = True) -> Reply:
+        """Send a request and read the whole answer.
+
+        With ``check`` (the default) a non-2xx status raises its exception
+        (:class:`~protocol.errors.NotFound`, ``Unauthorized``, ...).
+        """
+        timeout = self.timeout if timeout is ... else timeout
+        stream = await self._open(method, path, args, body, headers, token)
+        try:
+            async with _deadline(timeout, method, path):
+                status, resp_headers = await stream.head
+                data = await stream.read_all()
+        except BaseException:
+            stream.reset(Status.CANCELLED, "client gave up")
+            raise
+        reply = Reply(status, resp_headers, data)
+        return reply.raise_for_status() if check else reply
+
+    async def get(self, path: str, **kw) -> Reply:
+        return await self.request("GET", path, **kw)
+
+    async def post(self, path: str, body=b"", **kw) -> Reply:
+        return await self.request("POST", path, body=body, **kw)
+
+    async def put(self, path: str, body=b"", **kw) -> Reply:
+        return await self.request("PUT", path, body=body, **kw)
+
+    async def delete(self, path: str, **kw) -> Reply:
+        return await self.request("DELETE", path, **kw)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, path: str, *, args: dict | None = None, body=b"",
+                     headers: dict | None = None, token: str | None = None,
+                     timeout: float | None = ..., check: bool = True):
+        """``async with client.stream("GET", "/big") as resp: async for chunk in resp``."""
+        timeout = self.timeout if timeout is ... else timeout
+        stream = await self._open(method, path, args, body, headers, token)
+        try:
+            async with _deadline(timeout, method, path):
+                status, resp_headers = await stream.head
+            if check and not 200 <= status < 300:
+                text = (await stream.read_all(65536)).decode("utf-8", "replace")
+                raise error_for_status(status, text)
+            yield ResponseStream(stream, status, resp_headers, timeout)
+        finally:
+            if not stream.at_end:
+                stream.reset(Status.CANCELLED, "client closed the stream")
+
+    async def ping(self) -> float:
+        session = await self.connect()
+        return await session.ping()
+
+    async def generate_token(self, password: str, *, scopes: list[str] | None = None,
+                             expire: float | None = None) -> str:
+        """Ask the node for a token (the session proves the key; ``password`` the rest)."""
+        args: dict = {"password": password}
+        if scopes is not None:
+            args["scopes"] = list(scopes)
+        if expire is not None:
+            args["expire"] = expire
+        reply = await self.request("POST", "/_node/token", args=args, token=None)
+        return reply.text
+
+
+@contextlib.asynccontextmanager
+async def _deadline(timeout: float | None, method: str, path: str):
+    if timeout is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    fired = False
+
+    def fire():
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    handle = loop.call_later(timeout, fire)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if fired:
+            raise RequestTimeout(f"{method} {path}: no answer within {timeout:g} s") from None
+        raise
+    finally:
+        handle.cancel()
+
+
+# --------------------------------------------------------------------------- the blog's API
+
+@dataclass
+class _BlogResponse:
+    status: int
+    headers: dict
+    body: bytes
+
+
+class UTeslaClient:
+    """The original's client API, so the blog's script runs with only its import changed.
+
+    ::
+
+        UTeslaClient = client.UTeslaClient('user')
+        await UTeslaClient.set_server_key('node.pub')
+        await UTeslaClient.set_user_keys('user.pub', 'user.priv')
+        Response = await UTeslaClient.fetch('http://localhost:17000/hello_world',
+                                            {'token': '...'}, method='GET')
+        print(UTeslaClient.get_message(Response.body))
+    """
+
+    def __init__(self, user: str):
+        self.user = user
+        self._node_key: PublicKey | None = None
+        self._priv: PrivateKey | None = None
+        self._clients: dict[tuple[str, int], Client] = {}
+
+    async def set_server_key(self, path) -> None:
+        self._node_key = await asyncio.get_running_loop().run_in_executor(
+            None, load_public_key, path)
+
+    async def set_user_keys(self, public_path, private_path) -> None:
+        loop = asyncio.get_running_loop()
+        priv = await loop.run_in_executor(None, load_private_key, private_path)
+        pub = await loop.run_in_executor(None, load_public_key, public_path)
+        if pub != priv.public:
+            raise ValueError(f"{public_path} is not the public half of {private_path}")
+        self._priv = priv
+
+    async def fetch(self, url: str, cmd: dict | None = None, method: str = "GET",
+                    body=b"", timeout: float | None = 30.0) -> _BlogResponse:
+        """One request; ``cmd['token']`` is the token, the other entries are arguments."""
+        if self._node_key is None or self._priv is None:
+            raise RuntimeError("call set_server_key() and set_user_keys() first")
+        host, port, path = parse_url(url)
+        args = dict(cmd or {})
+        token = args.pop("token", None)
+        client = self._clients.get((host, port))
+        if client is None:
+            client = Client(f"utesla://{host}:{port}", user=self.user, private_key=self._priv,
+                            node_key=self._node_key, timeout=timeout)
+            self._clients[(host, port)] = client
+        reply = await client.request(method, path, args=args or None, token=token, body=body,
+                                     check=False)
+        return _BlogResponse(reply.status, reply.headers, reply.body)
+
+    @staticmethod
+    def get_message(body: bytes):
+        """The body as text (bytes that are not UTF-8 are returned unchanged)."""
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            return body
+
+    async def close(self) -> None:
+        for c in self._clients.values():
+            await c.close()
+        self._clients.clear()
+
+    def __del__(self):  # the blog's script never closes: do not warn about it
+        self._clients.clear()

@@ -1,0 +1,245 @@
+"""Request dispatch: path -> built-in, local handler or network route.
+
+This is the one place errors become responses: a :class:`StatusError` becomes
+its status and message; any other exception becomes 500 with an opaque error
+id for the client and the full traceback, under that id, in the node's log.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from protocol.errors import (BadRequest, Cancelled, MethodNotAllowed, NotFound, RequestTimeout,
+                             Status, StatusError, Unavailable)
+
+from .services import METHODS, RequestBody, split_path
+from .transport import ConnectionLost, Session, Stream
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import Node
+
+__all__ = ["Dispatcher", "ResponseWriter", "BUILTIN_PREFIX"]
+
+log = logging.getLogger("utesla.request")
+#: Built-in services live under this prefix; user services cannot start with '_'.
+BUILTIN_PREFIX = "/_node/"
+_FIRST_WRITE_DEFER = 16384
+
+
+class ResponseWriter:
+    """Turns a handler's ``write()`` calls into RESPONSE + DATA messages.
+
+    The first small write is held until the end of the event-loop turn, so a
+    handler that writes once and returns answers in a single message, while a
+    handler that keeps writing still streams without delay.
+    """
+
+    __slots__ = ("session", "stream", "status", "headers", "started", "finished", "_stash",
+                 "_kick", "sent")
+
+    def __init__(self, session: Session, stream: Stream):
+        self.session = session
+        self.stream = stream
+        self.status = Status.OK
+        self.headers: dict = {}
+        self.started = False
+        self.finished = False
+        self._stash: bytes | None = None
+        self._kick: asyncio.Handle | None = None
+        self.sent = 0
+
+    def set_status(self, status: int) -> None:
+        if self.started:
+            raise RuntimeError("set_status() after the response started")
+        if not 100 <= status <= 999:
+            raise ValueError("status must be 100..999")
+        self.status = status
+
+    def set_header(self, name: str, value) -> None:
+        if self.started:
+            raise RuntimeError("set_header() after the response started")
+        self.headers[str(name).lower()[:64]] = value
+
+    def _send_stash(self) -> None:
+        if self._kick is not None:
+            self._kick.cancel()
+            self._kick = None
+        if self._stash is not None and not self.started:
+            body, self._stash = self._stash, None
+            self.started = True
+            self.session.conn.send_response(self.stream.id, self.status, headers=self.headers,
+                                            body=body, end=False)
+            self.session.schedule_flush()
+
+    async def write(self, data: bytes) -> None:
+        if self.finished:
+            raise RuntimeError("write() after the response finished")
+        if not data:
+            return
+        self.sent += len(data)
+        if not self.started and self._stash is None and len(data) <= _FIRST_WRITE_DEFER:
+            self._stash = data
+            self._kick = self.session.loop.call_soon(self._send_stash)
+            return
+        self._send_stash()
+        if not self.started:
+            self.started = True
+            await self.session.respond(self.stream, self.status, self.headers, data, end=False)
+        else:
+            await self.stream.send_body(data)
+
+    async def flush(self) -> None:
+        self._send_stash()
+        self.session.flush()
+
+    async def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self._kick is not None:
+            self._kick.cancel()
+            self._kick = None
+        if not self.started:
+            self.started = True
+            body, self._stash = self._stash or b"", None
+            await self.session.respond(self.stream, self.status, self.headers, body, end=True)
+        else:
+            await self.stream.end()
+
+    async def fail(self, exc: StatusError) -> None:
+        """Report ``exc``: as the response if none started, else by resetting the stream."""
+        self.finished = True
+        if self._kick is not None:
+            self._kick.cancel()
+            self._kick = None
+        if not self.session.conn.is_open(self.stream.id):
+            return
+        if not self.started:
+            self.started = True
+            self._stash = None
+            await self.session.respond(self.stream, exc.status, {}, str(exc).encode(), end=True)
+        else:
+            self.stream.reset(exc.status, str(exc))
+
+
+class _Context:
+    """What a handler instance is bound to (see :class:`services.Handler`)."""
+
+    __slots__ = ("args", "user", "path", "subpath", "headers", "body", "method", "node",
+                 "writer")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    @property
+    def started(self) -> bool:
+        return self.writer.started
+
+    def set_status(self, status: int) -> None:
+        self.writer.set_status(status)
+
+    def set_header(self, name: str, value) -> None:
+        self.writer.set_header(name, value)
+
+    async def write(self, data: bytes) -> None:
+        await self.writer.write(data)
+
+    async def flush(self) -> None:
+        await self.writer.flush()
+
+
+class Dispatcher:
+    """Serves one request stream from start to finish (see module docstring)."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+
+    async def __call__(self, session: Session, stream: Stream) -> None:
+        node = self.node
+        req = stream.request
+        t0 = time.monotonic()
+        writer = ResponseWriter(session, stream)
+        task = asyncio.current_task()
+        timed_out = False
+
+        def on_deadline() -> None:
+            nonlocal timed_out
+            timed_out = True
+            task.cancel()
+
+        deadline = session.loop.call_later(node.config.request_timeout, on_deadline)
+        node.inflight += 1
+        error_id = None
+        try:
+            try:
+                await self._serve(session, stream, writer)
+                await writer.finish()
+            except asyncio.CancelledError:
+                if not timed_out:
+                    if node.stopping:
+                        raise StatusError("the node is shutting down", Status.UNAVAILABLE)
+                    raise
+                raise RequestTimeout(
+                    f"request took longer than {node.config.request_timeout:g} s") from None
+        except StatusError as exc:
+            writer.status = exc.status
+            await self._report(writer, exc)
+        except ConnectionLost:
+            writer.status = Status.CANCELLED
+        except asyncio.CancelledError:
+            writer.status = Status.CANCELLED
+            raise
+        except Exception:
+            error_id = secrets.token_hex(6)
+            log.exception("error %s in %s %s (user %s)", error_id, req.method, req.path,
+                          session.peer_user)
+            writer.status = Status.INTERNAL
+            await self._report(writer, StatusError(f"internal error (id {error_id})",
+                                                   Status.INTERNAL))
+        finally:
+            deadline.cancel()
+            node.inflight -= 1
+            node.metrics.request(req.path, writer.status, time.monotonic() - t0)
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s %s %s -> %d %dB %.1fms", session.peer_user, req.method, req.path,
+                         writer.status, writer.sent, (time.monotonic() - t0) * 1000)
+
+    async def _report(self, writer: ResponseWriter, exc: StatusError) -> None:
+        try:
+            await writer.fail(exc)
+        except (ConnectionLost, StatusError):
+            pass
+
+    async def _serve(self, session: Session, stream: Stream, writer: ResponseWriter) -> None:
+        node = self.node
+        req = stream.request
+        if req.envelope is not None and not node.is_peer_session(session):
+            raise BadRequest("forwarding envelopes are accepted only from peer nodes")
+        if req.path.startswith(BUILTIN_PREFIX):
+            await node.builtins.serve(session, stream, writer)
+            return
+        parts = split_path(req.path)
+        user = await node.authorize(session, req.token, "/".join(parts))
+        resolved = node.registry.resolve(parts)
+        if resolved is None:
+            if node.network is not None:
+                await node.network.forward(session, stream, writer, parts, user)
+                return
+            raise NotFound(f"no service {req.path}")
+        service, rest = resolved
+        method = req.method.lower()
+        if method not in METHODS or not callable(getattr(service.handler, method, None)):
+            raise MethodNotAllowed(f"{req.method} not allowed on {service.path}")
+        ctx = _Context(args=req.args or {}, user=req.envelope.get("user") if req.envelope else user.name,
+                       path=req.path, subpath=rest, headers=req.headers,
+                       body=RequestBody(stream, node.config.max_body), method=req.method,
+                       node=node, writer=writer)
+        cls = service.handler
+        handler = cls.__new__(cls)
+        handler._bind(ctx)
+        handler.__init__()
+        await getattr(handler, method)()

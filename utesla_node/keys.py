@@ -1,0 +1,99 @@
+"""Key files: atomic writes with mode 0600 for private keys, and loading with clear errors."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from protocol.crypto import KeyFormatError, PrivateKey, PublicKey, WeakKeyError
+
+__all__ = ["write_atomic", "write_key_pair", "load_private_key", "load_public_key",
+           "ensure_node_keys", "KeyFileError"]
+
+
+class KeyFileError(Exception):
+    """A key file is missing, unreadable, or not a usable key."""
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    The temporary file is created with ``mode`` from the start (never briefly
+    world-readable), fsynced, then renamed over the target.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+        pass
+
+
+def write_key_pair(key: PrivateKey, public_path: Path, private_path: Path) -> None:
+    write_atomic(Path(private_path), key.to_pem().encode(), 0o600)
+    write_atomic(Path(public_path), key.public.to_pem().encode(), 0o644)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"{what} file not found: {path}") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} file {path}: {exc.strerror}") from None
+
+
+def load_private_key(path: str | os.PathLike) -> PrivateKey:
+    try:
+        return PrivateKey.from_bytes(_read(Path(path), "private key"))
+    except KeyFormatError as exc:
+        raise KeyFileError(f"{path}: {exc}") from None
+
+
+def load_public_key(path: str | os.PathLike) -> PublicKey:
+    data = _read(Path(path), "public key")
+    try:
+        return PublicKey.from_bytes(data)
+    except WeakKeyError as exc:
+        raise KeyFileError(f"{path}: {exc}") from None
+    except KeyFormatError:
+        try:  # a private key file given where a public key is expected: use its public half
+            PrivateKey.from_bytes(data)
+        except KeyFormatError:
+            pass
+        else:
+            raise KeyFileError(f"{path}: this is a private key; give the public key file") from None
+        raise KeyFileError(f"{path}: not an Ed25519 or RSA public key (PEM)") from None
+
+
+def ensure_node_keys(keys_dir: Path, key_type: str = "ed25519",
+                     rsa_bits: int = 3072) -> tuple[PrivateKey, bool]:
+    """Load ``keys/key.priv``, creating the pair on first start.  Returns (key, created)."""
+    priv, pub = Path(keys_dir) / "key.priv", Path(keys_dir) / "key.pub"
+    if priv.exists():
+        key = load_private_key(priv)
+        if not pub.exists() or load_public_key(pub) != key.public:
+            write_atomic(pub, key.public.to_pem().encode(), 0o644)
+        return key, False
+    Path(keys_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = PrivateKey.generate(key_type, rsa_bits)
+    write_key_pair(key, pub, priv)
+    return key, True

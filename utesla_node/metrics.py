@@ -1,0 +1,72 @@
+"""Counters and latency histograms, exported as JSON and Prometheus text."""
+from __future__ import annotations
+
+import bisect
+import collections
+
+__all__ = ["Metrics", "BUCKETS"]
+
+#: Latency histogram bucket bounds, seconds.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+           10.0, 30.0)
+
+
+class _Histogram:
+    __slots__ = ("counts", "total", "n")
+
+    def __init__(self):
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.n += 1
+
+
+class Metrics:
+    """Process-wide counters; cheap enough to update on every request."""
+
+    def __init__(self):
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.latency: dict[str, _Histogram] = collections.defaultdict(_Histogram)
+
+    def incr(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+    def request(self, path: str, status: int, seconds: float) -> None:
+        service = path.strip("/").split("/", 1)[0] or "/"
+        if len(self.requests) < 10000:
+            self.requests[(service, status)] += 1
+            self.latency[service].observe(seconds)
+        self.counters["requests_total"] += 1
+        if status >= 400:
+            self.counters["requests_failed"] += 1
+
+    def snapshot(self) -> dict:
+        return dict(self.counters)
+
+    def prometheus(self) -> str:
+        out = []
+        for name, value in sorted(self.counters.items()):
+            out.append(f"# TYPE utesla_{name} counter")
+            out.append(f"utesla_{name} {value}")
+        out.append("# TYPE utesla_service_requests counter")
+        for (svc, status), n in sorted(self.requests.items()):
+            out.append(f'utesla_service_requests{{service="{_esc(svc)}",status="{status}"}} {n}')
+        out.append("# TYPE utesla_service_seconds histogram")
+        for svc, h in sorted(self.latency.items()):
+            acc = 0
+            for bound, c in zip(BUCKETS + (float("inf"),), h.counts):
+                acc += c
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                out.append(f'utesla_service_seconds_bucket{{service="{_esc(svc)}",le="{le}"}} {acc}')
+            out.append(f'utesla_service_seconds_sum{{service="{_esc(svc)}"}} {h.total}')
+            out.append(f'utesla_service_seconds_count{{service="{_esc(svc)}"}} {h.n}')
+        return "\n".join(out) + "\n"
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,337 @@
+"""The node: start, serve, reload, drain, stop.
+
+``Node`` owns the listening socket, the storage, the service registry, the
+token authority and (when it has peers) the network.  Each accepted
+connection becomes a :class:`~utesla_node.transport.Session` whose requests go
+to the :class:`~utesla_node.dispatch.Dispatcher`.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+from protocol import Connection, Role, Settings
+from protocol.crypto import KeyFormatError, PublicKey
+from protocol.errors import (BadRequest, Forbidden, MethodNotAllowed, NotFound, Status,
+                             StatusError, TooLarge, Unauthorized, Unavailable)
+
+from . import __version__, auth
+from .config import NodeConfig
+from .dispatch import BUILTIN_PREFIX, Dispatcher, ResponseWriter
+from .keys import ensure_node_keys
+from .metrics import Metrics
+from .services import ServiceRegistry
+from .storage import StorageError, StorageUnavailable, TokenLimitReached, open_storage, redact_url
+from .transport import Session, Stream
+
+__all__ = ["Node"]
+
+log = logging.getLogger("utesla.node")
+
+
+class Node:
+    """A running utesla node (see module docstring)."""
+
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.key = None
+        self.storage = None
+        self.authority: auth.Authority | None = None
+        self.registry = ServiceRegistry.empty()
+        self.dispatcher = Dispatcher(self)
+        self.builtins = Builtins(self)
+        self.metrics = Metrics()
+        self.network = None
+        self.sessions: set[Session] = set()
+        self._per_ip: collections.Counter[str] = collections.Counter()
+        self._server: asyncio.base_events.Server | None = None
+        self._key_cache: dict[str, PublicKey] = {}
+        self.inflight = 0
+        self.stopping = False
+        self.started_at = time.time()
+        self.address: tuple[str, int] | None = None
+        self._stopped = asyncio.Event()
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self.key, created = await loop.run_in_executor(
+            None, ensure_node_keys, cfg.keys_dir, cfg.key_type, cfg.rsa_key_length)
+        if created:
+            log.info("created node key pair in %s", cfg.keys_dir)
+        self.storage = open_storage(cfg.database_url or None, cfg.data_dir,
+                                    **({"pool_size": cfg.database_pool_size}
+                                       if cfg.database_url.startswith("mysql") else {}))
+        await self.storage.open()
+        log.info("database: %s", redact_url(cfg.database_url) or f"sqlite {cfg.data_dir}")
+        self.authority = auth.Authority(self.storage, cfg.token_expire)
+        self.registry = await loop.run_in_executor(None, ServiceRegistry.load, cfg.services_dir)
+        self.settings = Settings(max_record=cfg.max_record, window=cfg.stream_window,
+                                 max_streams=cfg.max_streams,
+                                 handshake_timeout=cfg.handshake_timeout)
+        self._server = await asyncio.start_server(
+            self._on_connect, cfg.host, cfg.port, limit=1 << 16, backlog=1024)
+        sock = self._server.sockets[0]
+        self.address = sock.getsockname()[:2]
+        self.started_at = time.time()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: loop.create_task(self.stop(s.name)))
+        loop.add_signal_handler(signal.SIGHUP, self.reload_services)
+
+    def reload_services(self) -> None:
+        """Load ``complements/`` again and swap it in whole; running requests keep theirs."""
+        registry = ServiceRegistry.load(self.config.services_dir)
+        self.registry = registry
+        log.info("services reloaded: %s", ", ".join(registry.names()) or "none")
+        if self.network is not None:
+            self.network.local_services_changed()
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self, why: str = "stop") -> None:
+        """Stop accepting, let requests finish within the grace period, then close."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping (%s): %d connection(s), %d request(s) in flight", why,
+                 len(self.sessions), self.inflight)
+        if self._server is not None:
+            self._server.close()
+        if self.network is not None:
+            await self.network.stop()
+        for s in list(self.sessions):
+            s.goaway("shutting down")
+        deadline = time.monotonic() + self.config.grace_period
+        pending = [t for s in self.sessions for t in s.tasks]
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        for s in list(self.sessions):
+            for t in list(s.tasks):
+                t.cancel()
+            s.close(Status.UNAVAILABLE, "node shutting down")
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        if self.storage is not None:
+            await self.storage.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    # -------------------------------------------------------------- connections
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        peer = writer.get_extra_info("peername")
+        ip = peer[0] if peer else "?"
+        cfg = self.config
+        if (self.stopping or len(self.sessions) >= cfg.max_connections
+                or self._per_ip[ip] >= cfg.max_connections_per_ip):
+            self.metrics.incr("connections_refused")
+            log.warning("refusing connection from %s: connection limit reached", ip)
+            writer.close()
+            return
+        conn = Connection(Role.SERVER, identity=self.key, settings=self.settings)
+        session = Session(reader, writer, conn, on_request=self.dispatcher,
+                          key_lookup=self.lookup_user_key, high_water=cfg.write_high_water,
+                          idle_timeout=cfg.idle_timeout, name=f"{ip}:{peer[1] if peer else 0}")
+        session.token_cache = {}
+        self.sessions.add(session)
+        self._per_ip[ip] += 1
+        self.metrics.incr("connections_accepted")
+        try:
+            await session.start()
+        finally:
+            self.sessions.discard(session)
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+            if session.conn.established:
+                self.metrics.incr("handshakes_ok")
+            else:
+                self.metrics.incr("handshakes_failed")
+            try:
+                await session.wait_closed()
+            except Exception:  # pragma: no cover
+                pass
+
+    async def lookup_user_key(self, name: str) -> PublicKey | None:
+        """The registered key of ``name`` (None when unknown); 503 when storage is down."""
+        try:
+            user = await self.storage.get_user(name)
+        except StorageUnavailable as exc:
+            log.warning("database unavailable during handshake: %s", exc)
+            raise Unavailable("database unavailable") from exc
+        if user is None:
+            return None
+        key = self._key_cache.get(user.public_key)
+        if key is None:
+            try:
+                key = PublicKey.from_bytes(user.public_key)
+            except KeyFormatError:
+                log.error("user %r has an unusable public key in the database", name)
+                return None
+            if len(self._key_cache) > 4096:
+                self._key_cache.clear()
+            self._key_cache[user.public_key] = key
+        return key
+
+    def is_peer_session(self, session: Session) -> bool:
+        return self.network is not None and self.network.is_peer_session(session)
+
+    async def authorize(self, session: Session, token: str | None, service_path: str):
+        """The user a request acts as; Unauthorized / Forbidden / Unavailable otherwise.
+
+        A session remembers tokens it validated for ``token_cache_ttl`` seconds, so
+        steady traffic costs no database round trip per request; revocation takes
+        effect within that time.
+        """
+        cache = session.token_cache
+        key = (token, service_path.split("/", 1)[0])
+        now = time.monotonic()
+        hit = cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            user = await self.authority.check_token(token or "", session.peer_user or "",
+                                                    service_path)
+        except auth.Unauthorized as exc:
+            self.metrics.incr("auth_failures")
+            raise Unauthorized(str(exc)) from None
+        except auth.Forbidden as exc:
+            raise Forbidden(str(exc)) from None
+        except StorageUnavailable as exc:
+            raise Unavailable("database unavailable") from exc
+        if len(cache) >= 256:
+            cache.clear()
+        cache[key] = (now + self.config.token_cache_ttl, user)
+        return user
+
+
+class Builtins:
+    """Built-in services under ``/_node/`` (SPEC.md and docs/services.md list them)."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.table = {
+            "ping": (self.ping, False),
+            "token": (self.token, False),
+            "token/renew": (self.renew, False),
+            "token/revoke": (self.revoke, False),
+            "services": (self.services, True),
+            "status": (self.status, True),
+            "metrics": (self.metrics, True),
+        }
+
+    async def serve(self, session: Session, stream: Stream, writer: ResponseWriter) -> None:
+        req = stream.request
+        name = req.path[len(BUILTIN_PREFIX):].strip("/")
+        entry = self.table.get(name)
+        if entry is None:
+            if self.node.network is not None and name.startswith("net/"):
+                await self.node.network.builtin(session, stream, writer, name[4:])
+                return
+            raise NotFound(f"no built-in service {req.path}")
+        fn, needs_token = entry
+        user = None
+        if needs_token:
+            user = await self.node.authorize(session, req.token, "_node/" + name)
+        await fn(session, stream, writer, user)
+
+    @staticmethod
+    def _args(stream: Stream) -> dict:
+        return stream.request.args or {}
+
+    async def ping(self, session, stream, writer, user) -> None:
+        await writer.write(b"pong")
+
+    async def token(self, session, stream, writer, user) -> None:
+        """Issue a token: the session proves the key, the ``password`` argument the rest."""
+        args = self._args(stream)
+        password = args.get("password")
+        if not isinstance(password, str):
+            raise BadRequest("argument 'password' (string) is required")
+        authority = self.node.authority
+        try:
+            await authority.check_password(session.peer_user, password)
+            scopes = args.get("scopes")
+            if scopes is not None and (not isinstance(scopes, list)
+                                       or not all(isinstance(s, str) for s in scopes)):
+                raise BadRequest("argument 'scopes' must be a list of service globs")
+            expire = args.get("expire")
+            if expire is not None and not isinstance(expire, (int, float)):
+                raise BadRequest("argument 'expire' must be a number of seconds")
+            token, record = await authority.issue_token(session.peer_user, scopes, expire)
+        except auth.Unauthorized:
+            self.node.metrics.incr("auth_failures")
+            raise Unauthorized("invalid user or password") from None
+        except auth.Forbidden as exc:
+            raise Forbidden(str(exc)) from None
+        except TokenLimitReached:
+            raise Forbidden("token limit reached: revoke a token or ask the admin for more") \
+                from None
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        except StorageUnavailable as exc:
+            raise Unavailable("database unavailable") from exc
+        writer.set_header("expires-at", record.expires_at)
+        await writer.write(token.encode())
+
+    async def renew(self, session, stream, writer, user) -> None:
+        try:
+            record = await self.node.authority.renew(stream.request.token or "",
+                                                     session.peer_user)
+        except auth.Unauthorized:
+            raise Unauthorized("invalid token") from None
+        except StorageUnavailable as exc:
+            raise Unavailable("database unavailable") from exc
+        session.token_cache.clear()
+        await writer.write({"expires_at": record.expires_at})
+
+    async def revoke(self, session, stream, writer, user) -> None:
+        target = self._args(stream).get("token") or stream.request.token or ""
+        try:
+            done = await self.node.authority.revoke(target, session.peer_user)
+        except auth.Unauthorized:
+            raise Unauthorized("invalid token") from None
+        except StorageUnavailable as exc:
+            raise Unavailable("database unavailable") from exc
+        session.token_cache.clear()
+        await writer.write({"revoked": bool(done)})
+
+    async def services(self, session, stream, writer, user) -> None:
+        node = self.node
+        local = [{"path": "/" + n, "origin": "local", "hops": 0} for n in node.registry.names()]
+        remote = node.network.routes_summary() if node.network is not None else []
+        await writer.write({"services": local + remote})
+
+    async def status(self, session, stream, writer, user) -> None:
+        await writer.write(self.node_status())
+
+    def node_status(self) -> dict:
+        node = self.node
+        return {
+            "version": __version__,
+            "fingerprint": node.key.public.fingerprint(),
+            "address": list(node.address) if node.address else None,
+            "uptime": round(time.time() - node.started_at, 3),
+            "connections": len(node.sessions),
+            "inflight": node.inflight,
+            "counters": node.metrics.snapshot(),
+            "services": node.registry.names(),
+            "network": node.network.status() if node.network is not None else {},
+        }
+
+    async def metrics(self, session, stream, writer, user) -> None:
+        await writer.write(self.node.metrics.prometheus().encode())

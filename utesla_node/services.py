@@ -1,0 +1,226 @@
+"""Loading services from ``complements/`` and the handler API they see.
+
+A service is ``complements/NAME.py`` holding ``class Handler`` (or the blog's
+``class handler``) with async methods named after request methods.  ``/a/b``
+reaches ``complements/a/b.py``; ``complements/a.py`` or ``complements/a/__init__.py``
+serves ``/a``.  Names are checked against an ASCII allowlist *before* they touch
+the filesystem, and each module loads under a private name
+(``_utesla_services.<generation>.<path>``) so services cannot collide with each
+other or with installed packages.
+
+The registry is built whole and swapped in one assignment (SIGHUP reload):
+requests already running keep the handler class they started with.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import logging
+import re
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.errors import BadRequest, NotFound, Status
+
+__all__ = ["Handler", "ServiceRegistry", "Service", "split_path", "SEGMENT_RE", "METHODS"]
+
+log = logging.getLogger("utesla.services")
+
+#: One path segment: ASCII letters, digits, '_' and '-', starting with a letter or digit.
+SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+MAX_SEGMENTS = 8
+#: Request methods a handler may implement; anything else is 405, never getattr'd.
+METHODS = frozenset({"get", "post", "put", "delete", "patch", "head", "options"})
+_generation = itertools.count(1)
+
+
+def split_path(path: str) -> list[str]:
+    """``/a/b/`` -> ``["a", "b"]``; refuses anything outside the allowlist (400)."""
+    if not path.startswith("/") or len(path) > 1024:
+        raise BadRequest("path must start with '/' and be at most 1024 characters")
+    parts = [p for p in path[1:].split("/") if p != ""]
+    if len(parts) > MAX_SEGMENTS:
+        raise BadRequest(f"path deeper than {MAX_SEGMENTS} segments")
+    for p in parts:
+        if not SEGMENT_RE.match(p):
+            raise BadRequest("invalid path segment (allowed: ASCII letters, digits, '_', '-')")
+    if not parts:
+        raise NotFound("no service named")
+    return parts
+
+
+class RequestBody:
+    """The request body: ``async for chunk in self.body`` or ``await self.body.read()``."""
+
+    __slots__ = ("_stream", "_limit")
+
+    def __init__(self, stream, limit: int):
+        self._stream = stream
+        self._limit = limit
+
+    def __aiter__(self):
+        return self._stream.__aiter__()
+
+    async def read(self) -> bytes:
+        return await self._stream.read_all(self._limit)
+
+
+class Handler:
+    """Base of every service handler (plain classes get it mixed in at load time).
+
+    Attributes available in handler methods and in ``__init__``:
+    ``args`` (dict of request arguments), ``user`` (authenticated user name),
+    ``path`` (the full request path), ``subpath`` (segments after the service's
+    own), ``headers`` (request headers), ``body`` (:class:`RequestBody`),
+    ``method`` and ``node`` (the running node, for advanced services).
+    """
+
+    def _bind(self, ctx) -> None:
+        self._ctx = ctx
+        self.args = ctx.args
+        self.user = ctx.user
+        self.path = ctx.path
+        self.subpath = ctx.subpath
+        self.headers = ctx.headers
+        self.body = ctx.body
+        self.method = ctx.method
+        self.node = ctx.node
+
+    def set_status(self, status: int) -> None:
+        """Status of the response; only before the first byte of the body is sent."""
+        self._ctx.set_status(int(status))
+
+    def set_header(self, name: str, value) -> None:
+        self._ctx.set_header(name, value)
+
+    async def write(self, data) -> None:
+        """Send a piece of the answer: ``str`` (UTF-8), bytes, or a dict/list (JSON).
+
+        May be called many times; the client receives the pieces in order.
+        """
+        if isinstance(data, str):
+            data = data.encode()
+        elif isinstance(data, (dict, list)):
+            if not self._ctx.started:
+                self._ctx.set_header("content-type", "application/json")
+            data = json.dumps(data).encode()
+        elif not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("write() takes str, bytes or a dict/list (sent as JSON)")
+        await self._ctx.write(bytes(data))
+
+    async def flush(self) -> None:
+        await self._ctx.flush()
+
+
+@dataclass(frozen=True)
+class Service:
+    """A loaded service: its name (path segments) and the handler class to use."""
+
+    name: tuple[str, ...]
+    handler: type
+    file: Path
+
+    @property
+    def path(self) -> str:
+        return "/" + "/".join(self.name)
+
+    def methods(self) -> list[str]:
+        return sorted(m.upper() for m in METHODS if callable(getattr(self.handler, m, None)))
+
+
+class ServiceRegistry:
+    """An immutable snapshot of the services in one folder."""
+
+    def __init__(self, folder: Path, services: dict[tuple[str, ...], Service],
+                 errors: dict[str, str]):
+        self.folder = folder
+        self.services = services
+        self.errors = errors
+
+    @classmethod
+    def empty(cls) -> "ServiceRegistry":
+        return cls(Path("."), {}, {})
+
+    @classmethod
+    def load(cls, folder: Path) -> "ServiceRegistry":
+        """Import every service under ``folder``; a broken file is logged and skipped."""
+        folder = Path(folder)
+        gen = next(_generation)
+        services: dict[tuple[str, ...], Service] = {}
+        errors: dict[str, str] = {}
+        if not folder.is_dir():
+            log.warning("services folder %s does not exist: no services", folder)
+            return cls(folder, services, errors)
+        root = folder.resolve()
+        for file in sorted(root.rglob("*.py")):
+            rel = file.relative_to(root)
+            parts = list(rel.with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if not parts or len(parts) > MAX_SEGMENTS or not all(SEGMENT_RE.match(p) for p in parts):
+                continue  # private helpers (_x.py), odd names: not services
+            if file.is_symlink() and not file.resolve().is_relative_to(root):
+                log.warning("skipping %s: symlink out of the services folder", rel)
+                continue
+            name = tuple(parts)
+            try:
+                handler = _load_handler(file, gen, name)
+            except Exception as exc:  # a broken service must not stop the others
+                errors["/".join(name)] = f"{type(exc).__name__}: {exc}"
+                log.error("service %s not loaded from %s: %s: %s", "/" + "/".join(name), rel,
+                          type(exc).__name__, exc)
+                continue
+            if handler is None:
+                continue
+            if name in services:
+                log.warning("service /%s defined twice; using %s", "/".join(name), rel)
+            services[name] = Service(name, handler, file)
+        log.info("loaded %d service(s) from %s%s", len(services), folder,
+                 f" ({len(errors)} failed)" if errors else "")
+        return cls(folder, services, errors)
+
+    def resolve(self, parts: list[str]) -> tuple[Service, list[str]] | None:
+        """The service owning the longest prefix of ``parts``, and the rest of the path."""
+        for n in range(len(parts), 0, -1):
+            svc = self.services.get(tuple(parts[:n]))
+            if svc is not None:
+                return svc, parts[n:]
+        return None
+
+    def names(self) -> list[str]:
+        return sorted("/".join(k) for k in self.services)
+
+
+_NAMESPACE = "_utesla_services"
+
+
+def _load_handler(file: Path, gen: int, name: tuple[str, ...]) -> type | None:
+    if _NAMESPACE not in sys.modules:
+        sys.modules[_NAMESPACE] = types.ModuleType(_NAMESPACE)
+    modname = f"{_NAMESPACE}.g{gen}.{'.'.join(name)}".replace("-", "_")
+    spec = importlib.util.spec_from_file_location(modname, file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(modname, None)
+        raise
+    cls = getattr(module, "Handler", None) or getattr(module, "handler", None)
+    if cls is None:
+        if file.name == "__init__.py":
+            return None  # a package folder that only groups sub-services
+        raise AttributeError("no class Handler (or handler) in the module")
+    if not isinstance(cls, type):
+        raise TypeError("Handler must be a class")
+    if not any(callable(getattr(cls, m, None)) for m in METHODS):
+        raise TypeError("Handler has no request methods (get, post, ...)")
+    if issubclass(cls, Handler):
+        return cls
+    # The blog's plain classes: mix the API in, their own methods first.
+    return type(cls.__name__, (cls, Handler), {"__module__": cls.__module__})

@@ -1,0 +1,517 @@
+"""The one place asyncio streams meet the sans-IO protocol.
+
+A :class:`Session` owns a ``(StreamReader, StreamWriter)`` pair and a
+:class:`protocol.Connection`.  It reads, feeds the connection, turns events into
+per-stream objects, and writes whatever the connection has to send in *one*
+``write()`` per event-loop turn (coalescing; TCP_NODELAY is set, so nothing
+waits for Nagle).  Everything above it (server, client, peer links) deals in
+:class:`Stream` objects and never sees bytes on the wire.
+
+Back-pressure: when the transport's write buffer passes ``high_water`` the
+session stops reading from the peer until it drains, and writers of body
+chunks wait too; per-stream credits (SPEC.md §7) keep any one stream from
+buffering more than its window.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import time
+from typing import Awaitable, Callable
+
+from protocol import Connection, Role, Settings
+from protocol.crypto import PublicKey
+from protocol.errors import (AuthenticationFailed, Cancelled, LocalProtocolError,
+                             ProtocolError, Status, StatusError, Unavailable,
+                             error_for_status)
+from protocol.events import (AuthenticationRequested, ConnectionClosed, DataReceived,
+                             GoAwayReceived, HandshakeCompleted, PongReceived,
+                             RequestReceived, ResponseReceived, StreamReset, WindowUpdated)
+
+__all__ = ["Session", "Stream", "ConnectionLost", "set_nodelay", "READ_SIZE"]
+
+log = logging.getLogger("utesla.transport")
+READ_SIZE = 256 * 1024
+
+
+class ConnectionLost(Unavailable):
+    """The session ended before this stream finished."""
+
+
+def set_nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover
+            pass
+
+
+class Stream:
+    """One request/response exchange on a session, seen from our side.
+
+    Incoming body chunks queue here (bounded by the window we granted); outgoing
+    chunks wait for credit.  ``head`` resolves with (status, headers) for streams
+    we opened.
+    """
+
+    __slots__ = ("session", "id", "incoming", "_chunks", "_waiter", "_ended", "_error",
+                 "_credit", "head", "request", "_sent_end", "buffered", "__weakref__")
+
+    def __init__(self, session: "Session", stream_id: int, incoming: bool):
+        self.session = session
+        self.id = stream_id
+        self.incoming = incoming
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+        self._ended = False
+        self._error: BaseException | None = None
+        self._credit: asyncio.Future | None = None
+        self.head: asyncio.Future | None = None
+        self.request: RequestReceived | None = None
+        self._sent_end = False
+        self.buffered = 0
+
+    # -------------------------------------------------------------- receiving side
+
+    def _feed(self, data: bytes, end: bool) -> None:
+        if data:
+            self._chunks.append(data)
+            self.buffered += len(data)
+        if end:
+            self._ended = True
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(exc)
+            self.head.exception()  # mark retrieved: the reader may have gone
+        self._wake()
+        if self._credit is not None and not self._credit.done():
+            self._credit.set_result(None)
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    @property
+    def at_end(self) -> bool:
+        return self._ended and not self._chunks
+
+    async def read_chunk(self) -> bytes:
+        """Next body chunk, or b"" at the end.  Raises the stream's error if it broke."""
+        while not self._chunks:
+            if self._ended:
+                return b""
+            if self._error is not None:
+                raise self._error
+            self._waiter = self.session.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self.buffered -= len(chunk)
+        self.session.acknowledge(self.id, len(chunk))
+        return chunk
+
+    async def read_all(self, limit: int | None = None) -> bytes:
+        parts, size = [], 0
+        while True:
+            chunk = await self.read_chunk()
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if limit is not None and size > limit:
+                from protocol.errors import TooLarge
+                raise TooLarge(f"body larger than {limit} bytes")
+            parts.append(chunk)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.read_chunk()
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    # -------------------------------------------------------------- sending side
+
+    async def _wait_credit(self) -> int:
+        conn = self.session.conn
+        while True:
+            if self._error is not None:
+                raise self._error
+            credit = conn.send_credit(self.id)
+            if credit > 0:
+                return credit
+            if not conn.is_open(self.id):
+                raise self._error or ConnectionLost("stream closed")
+            self._credit = self.session.loop.create_future()
+            try:
+                await self._credit
+            finally:
+                self._credit = None
+
+    async def send_body(self, data: bytes, end: bool = False) -> None:
+        """Send ``data`` as DATA messages, waiting for credit and for the socket to drain."""
+        session = self.session
+        view = memoryview(data)
+        max_chunk = session.conn.max_chunk
+        while True:
+            if not view and not end:
+                return
+            credit = await self._wait_credit() if view else 0
+            n = min(len(view), credit, max_chunk)
+            last = end and n == len(view)
+            try:
+                session.conn.send_data(self.id, view[:n], last)
+            except LocalProtocolError as exc:
+                raise self._error or ConnectionLost(str(exc)) from exc
+            view = view[n:]
+            session.schedule_flush()
+            if last:
+                self._sent_end = True
+                return
+            await session.drain_if_needed()
+
+    async def end(self) -> None:
+        if not self._sent_end:
+            await self.send_body(b"", end=True)
+
+    def reset(self, status: int = Status.CANCELLED, reason: str = "") -> None:
+        """Abort the stream both ways (a no-op once it is finished)."""
+        self.session.conn.reset_stream(self.id, status, reason)
+        self.session.forget(self.id)
+        self._fail(Cancelled(reason or "stream reset"))
+        self.session.schedule_flush()
+
+
+RequestHandler = Callable[["Session", Stream], Awaitable[None]]
+KeyLookup = Callable[[str], Awaitable["PublicKey | None"]]
+
+
+class Session:
+    """A protocol connection driven over asyncio streams (client, server or peer link)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 conn: Connection, *, on_request: RequestHandler | None = None,
+                 key_lookup: KeyLookup | None = None, high_water: int = 1 << 20,
+                 idle_timeout: float | None = None, name: str = ""):
+        self.loop = asyncio.get_running_loop()
+        self.reader = reader
+        self.writer = writer
+        self.conn = conn
+        self.on_request = on_request
+        self.key_lookup = key_lookup
+        self.high_water = high_water
+        self.idle_timeout = idle_timeout
+        self.name = name or str(writer.get_extra_info("peername"))
+        self.streams: dict[int, Stream] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.ready: asyncio.Future = self.loop.create_future()
+        self.closed: asyncio.Future = self.loop.create_future()
+        self.going_away = False
+        self.last_activity = time.monotonic()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.close_reason: BaseException | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._drain_lock = asyncio.Lock()
+        self._pongs: collections.deque[asyncio.Future] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader_task: asyncio.Task | None = None
+        set_nodelay(writer)
+
+    # -------------------------------------------------------------- lifecycle
+
+    @property
+    def peer_user(self) -> str | None:
+        return self.conn.peer_user
+
+    @property
+    def peer_key(self) -> PublicKey | None:
+        return self.conn.peer_key
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed.done() and not self.conn.closed
+
+    def start(self) -> asyncio.Task:
+        """Begin the handshake and the read loop; ``ready`` resolves when keys are set."""
+        self.conn.initiate(time.monotonic())
+        self._arm_timer()
+        self.flush()
+        self._reader_task = self.loop.create_task(self._read_loop())
+        return self._reader_task
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(asyncio.shield(self.ready), timeout)
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.conn.get_timer()
+        if deadline is None and self.idle_timeout:
+            deadline = self.last_activity + self.idle_timeout
+        if deadline is not None:
+            delay = max(0.0, deadline - time.monotonic())
+            self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        if not self.conn.established:
+            try:
+                self.conn.handle_timer(now)
+            except ProtocolError as exc:
+                self._terminate(exc)
+                return
+        elif self.idle_timeout and now - self.last_activity >= self.idle_timeout \
+                and not self.streams:
+            self.close(Status.TIMEOUT, "idle timeout")
+            return
+        self._arm_timer()
+
+    async def _read_loop(self) -> None:
+        reader = self.reader
+        try:
+            while True:
+                if self.writer.transport.get_write_buffer_size() > self.high_water:
+                    await self.drain()
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    self.conn.receive_eof()
+                    break
+                self.bytes_in += len(data)
+                self.last_activity = time.monotonic()
+                events = self.conn.receive_data(data)
+                if events:
+                    await self._handle_events(events)
+                self.flush()
+                if self.conn.closed:
+                    break
+        except ProtocolError as exc:
+            self._terminate(exc)
+        except (ConnectionError, OSError) as exc:
+            self._terminate(ConnectionLost(f"connection lost: {exc}"))
+        except asyncio.CancelledError:
+            self._terminate(ConnectionLost("session cancelled"))
+            raise
+        else:
+            self._terminate(self.close_reason or ConnectionLost("connection closed by peer"))
+
+    async def _handle_events(self, events) -> None:
+        for ev in events:
+            t = type(ev)
+            if t is DataReceived:
+                s = self.streams.get(ev.stream_id)
+                if s is not None:
+                    s._feed(ev.data, ev.end)
+            elif t is ResponseReceived:
+                s = self.streams.get(ev.stream_id)
+                if s is not None:
+                    if not s.head.done():
+                        s.head.set_result((ev.status, ev.headers))
+                    s._feed(ev.body, ev.end)
+            elif t is RequestReceived:
+                self._on_request(ev)
+            elif t is WindowUpdated:
+                s = self.streams.get(ev.stream_id)
+                if s is not None and s._credit is not None and not s._credit.done():
+                    s._credit.set_result(None)
+            elif t is StreamReset:
+                s = self.streams.pop(ev.stream_id, None)
+                if s is not None:
+                    s._fail(error_for_status(ev.status, ev.reason or "stream reset by peer"))
+            elif t is AuthenticationRequested:
+                key = None
+                try:
+                    key = await self.key_lookup(ev.user) if self.key_lookup else None
+                except StatusError as exc:
+                    self.conn.close(exc.status, "service unavailable")
+                    self.flush()
+                    raise AuthenticationFailed("key lookup failed") from exc
+                more = self.conn.complete_auth(key)
+                await self._handle_events(more)
+            elif t is HandshakeCompleted:
+                self._arm_timer()
+                if not self.ready.done():
+                    self.ready.set_result(ev)
+            elif t is PongReceived:
+                if self._pongs:
+                    f = self._pongs.popleft()
+                    if not f.done():
+                        f.set_result(time.monotonic())
+            elif t is GoAwayReceived:
+                self.going_away = True
+            elif t is ConnectionClosed:
+                if ev.status not in (Status.OK,):
+                    self.close_reason = error_for_status(
+                        ev.status, f"peer closed the connection: {ev.reason or ev.status}")
+                else:
+                    self.close_reason = ConnectionLost(
+                        f"peer closed the connection{': ' + ev.reason if ev.reason else ''}")
+
+    def _on_request(self, ev: RequestReceived) -> None:
+        s = Stream(self, ev.stream_id, incoming=True)
+        s.request = ev
+        if ev.body or ev.end:
+            s._feed(ev.body, ev.end)
+        self.streams[ev.stream_id] = s
+        if self.on_request is None:
+            self.conn.reset_stream(ev.stream_id, Status.NOT_FOUND, "no requests accepted here")
+            self.streams.pop(ev.stream_id, None)
+            return
+        task = self.loop.create_task(self._run_request(s))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run_request(self, s: Stream) -> None:
+        try:
+            await self.on_request(self, s)
+        finally:
+            self.streams.pop(s.id, None)
+            if self.conn.is_open(s.id) and not self.conn.closed:
+                # Answered without reading the whole request body (or not answered at
+                # all): tell the peer to stop sending, and free the stream.
+                self.conn.reset_stream(s.id, Status.CANCELLED, "stream ended by the node")
+                self.schedule_flush()
+
+    # -------------------------------------------------------------- sending
+
+    def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        data = self.conn.data_to_send()
+        if data and not self.writer.is_closing():
+            self.bytes_out += len(data)
+            self.writer.write(data)
+
+    def _flush_soon(self) -> None:
+        self._flush_handle = None
+        self.flush()
+
+    def schedule_flush(self) -> None:
+        """Flush at the end of this loop turn: everything queued meanwhile goes in one write."""
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush_soon)
+
+    async def drain(self) -> None:
+        async with self._drain_lock:
+            try:
+                await self.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise ConnectionLost(f"connection lost: {exc}") from exc
+
+    async def drain_if_needed(self) -> None:
+        if self.writer.transport.get_write_buffer_size() > self.high_water:
+            self.flush()
+            await self.drain()
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        if not self.conn.closed:
+            before = len(self.conn._out)
+            self.conn.acknowledge(stream_id, size)
+            if len(self.conn._out) != before:
+                self.schedule_flush()
+
+    def forget(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+
+    def open_stream(self, method: str, path: str, *, token: str | None = None,
+                    args: dict | None = None, headers: dict | None = None,
+                    body: bytes = b"", end: bool = True,
+                    envelope: dict | None = None) -> Stream:
+        """Send a request; the returned stream's ``head`` resolves with the response."""
+        if not self.is_open:
+            raise self.close_reason or ConnectionLost("connection is closed")
+        if self.going_away:
+            raise ConnectionLost("the node is going away")
+        try:
+            sid = self.conn.send_request(method, path, token=token, args=args, headers=headers,
+                                         body=body, end=end, envelope=envelope)
+        except LocalProtocolError as exc:
+            raise ConnectionLost(str(exc)) from exc
+        s = Stream(self, sid, incoming=False)
+        s.head = self.loop.create_future()
+        s._sent_end = end
+        self.streams[sid] = s
+        self.schedule_flush()
+        return s
+
+    async def respond(self, stream: Stream, status: int, headers: dict | None = None,
+                      body: bytes = b"", end: bool = True) -> None:
+        """Send the response head (with as much of the body as credit allows)."""
+        n = min(len(body), self.conn.send_credit(stream.id), self.conn.max_chunk)
+        last = end and n == len(body)
+        self.conn.send_response(stream.id, status, headers=headers, body=body[:n], end=last)
+        stream._sent_end = last
+        self.schedule_flush()
+        if n < len(body) or (end and not last):
+            await stream.send_body(body[n:], end=end)
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Round-trip time to the peer, in seconds."""
+        fut = self.loop.create_future()
+        self._pongs.append(fut)
+        t0 = time.monotonic()
+        self.conn.send_ping(b"")
+        self.flush()
+        t1 = await asyncio.wait_for(fut, timeout)
+        return t1 - t0
+
+    def goaway(self, reason: str = "") -> None:
+        if self.conn.established:
+            self.conn.send_goaway(reason)
+            self.flush()
+
+    def close(self, status: int = Status.OK, reason: str = "") -> None:
+        """Send CLOSE and shut the transport; every open stream fails."""
+        try:
+            self.conn.close(status, reason)
+        except ProtocolError:  # pragma: no cover
+            pass
+        self.flush()
+        self._terminate(self.close_reason or ConnectionLost(reason or "connection closed"))
+
+    def _terminate(self, exc: BaseException) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.close_reason is None:
+            self.close_reason = exc
+        try:
+            self.flush()  # a CLOSE the protocol queued on its way down
+        except Exception:  # pragma: no cover - best effort
+            pass
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+            self.ready.exception()
+        streams, self.streams = self.streams, {}
+        for s in streams.values():
+            s._fail(exc if isinstance(exc, StatusError) else ConnectionLost(str(exc)))
+        for f in self._pongs:
+            if not f.done():
+                f.set_exception(ConnectionLost("connection closed"))
+                f.exception()
+        self._pongs.clear()
+        if not self.writer.is_closing():
+            self.writer.close()
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self.closed)
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
