@@ -1,0 +1,187 @@
+"""Test helpers: real nodes on loopback port 0, in-process or as subprocesses.
+
+``NodeHarness`` owns a node's folder (keys, data, complements), starts it in the
+test's event loop, registers users and hands out connected clients.  Every
+node and client it creates is closed when the test ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from protocol.crypto import PrivateKey
+from utesla_node import auth
+from utesla_node.client import Client
+from utesla_node.config import load_config
+from utesla_node.keys import write_key_pair
+from utesla_node.server import Node
+from utesla_node.storage import User
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# Fast scrypt for tests: the real cost is measured by the benchmark, not here.
+auth.set_scrypt_cost(10)
+
+_USER_KEYS: dict[str, PrivateKey] = {}
+
+
+def user_key(kind: str = "ed25519", bits: int = 2048, tag: str = "") -> PrivateKey:
+    """A cached key per (kind, bits, tag): RSA generation is slow."""
+    k = (kind, bits, tag)
+    if k not in _USER_KEYS:
+        _USER_KEYS[k] = PrivateKey.generate(kind, bits)
+    return _USER_KEYS[k]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NodeHarness:
+    """One node in ``folder``; ``await start()``, ``await add_user()``, ``client()``."""
+
+    def __init__(self, folder: Path, services: dict[str, str] | None = None,
+                 copy_examples: bool = True, **settings):
+        self.folder = Path(folder)
+        (self.folder / "complements").mkdir(parents=True, exist_ok=True)
+        if copy_examples:
+            for f in (REPO / "complements").glob("*.py"):
+                (self.folder / "complements" / f.name).write_text(f.read_text())
+        for name, code in (services or {}).items():
+            self.write_service(name, code)
+        settings.setdefault("port", 0)
+        self.config = load_config(None, **settings)
+        self.config.base_dir = self.folder
+        self.node: Node | None = None
+        self.clients: list[Client] = []
+        self.tokens: dict[str, str] = {}
+        self.keys: dict[str, PrivateKey] = {}
+
+    def write_service(self, name: str, code: str) -> Path:
+        path = self.folder / "complements" / f"{name}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(code))
+        return path
+
+    async def start(self) -> "NodeHarness":
+        self.node = Node(self.config)
+        await self.node.start()
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.node.address[1]
+
+    @property
+    def url(self) -> str:
+        return f"utesla://127.0.0.1:{self.port}"
+
+    @property
+    def key(self) -> PrivateKey:
+        return self.node.key
+
+    async def add_user(self, name: str = "alice", password: str = "pw", key: PrivateKey | None = None,
+                       token: bool = True, **fields) -> PrivateKey:
+        key = key or user_key(tag=name)
+        fields.setdefault("token_limit", 0)
+        await self.node.storage.add_user(User(
+            name=name, password_hash=await auth.hash_password(password),
+            public_key=key.public.to_pem(), created_at=time.time(), **fields),
+            overwrite=True)
+        self.keys[name] = key
+        if token:
+            self.tokens[name], _ = await self.node.authority.issue_token(name)
+        return key
+
+    def client(self, user: str = "alice", **kw) -> Client:
+        kw.setdefault("token", self.tokens.get(user))
+        c = Client(self.url, user=user, private_key=self.keys[user], node_key=self.key.public,
+                   **kw)
+        self.clients.append(c)
+        return c
+
+    async def stop(self) -> None:
+        for c in self.clients:
+            await c.close()
+        if self.node is not None and not self.node.stopping:
+            await self.node.stop("test over")
+
+
+def run_cli(*args, cwd=None, input=None, timeout=60, check=True, env=None):
+    """Run ``utesla-cli`` (the installed console script) and return the CompletedProcess."""
+    proc = subprocess.run([str(BIN / "utesla-cli"), *map(str, args)], cwd=cwd, input=input,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"utesla-cli {' '.join(map(str, args))} failed "
+                             f"({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+class NodeProcess:
+    """``utesla-node`` as a subprocess in ``folder``; waits for its 'listening' line."""
+
+    def __init__(self, folder: Path, *args, env=None):
+        self.folder = Path(folder)
+        self.args = args
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.lines: list[str] = []
+
+    def start(self, timeout: float = 30.0) -> "NodeProcess":
+        self.proc = subprocess.Popen(
+            [str(BIN / "utesla-node"), *map(str, self.args)], cwd=self.folder,
+            stdout=subprocess.PIPE, stderr=open(self.folder / "node.log", "ab"), text=True,
+            env={**os.environ, **(self.env or {})})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"node exited early: {self.log()}")
+            self.lines.append(line)
+            if "listening on utesla://" in line:
+                self.port = int(line.rsplit(":", 1)[1])
+                self.lines.append(self.proc.stdout.readline())
+                return self
+        raise AssertionError("node did not start in time")
+
+    def log(self) -> str:
+        try:
+            return (self.folder / "node.log").read_text()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig=15, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("node did not stop in time")
+
+
+async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
+    """Poll ``predicate`` (sync or async) until true; a condition, not a sleep-as-sync."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within %.1f s" % timeout)
+        await asyncio.sleep(interval)
