@@ -554,7 +554,13 @@ class Connection:
     def _queue(self, msg: m.Message) -> None:
         if self._state is _State.CLOSED:
             raise LocalProtocolError("connection is closed")
-        self._out.append(m.encode(msg))
+        data = m.encode(msg)
+        # Refuse what could never be sealed now, before anything is sent: failing
+        # later in _flush would leave earlier messages queued after their record
+        # went out (sent twice).  The peer's limit only grows from MIN_RECORD.
+        if len(data) > self._peer_max_record - _RECORD_OVERHEAD:
+            raise LocalProtocolError("a message larger than the peer's record limit")
+        self._out.append(data)
 
     def _check_sendable(self) -> None:
         if not self.can_send:
@@ -635,7 +641,9 @@ class Connection:
 
     def send_ping(self, opaque: bytes = b"") -> None:
         self._check_sendable()
-        self._queue(m.Ping(opaque))
+        if len(opaque) > 64:        # the peer's decoder refuses more (SPEC.md §6.2)
+            raise LocalProtocolError("ping payload longer than 64 bytes")
+        self._queue(m.Ping(bytes(opaque)))
 
     def send_goaway(self, reason: str = "") -> None:
         """Refuse new streams from the peer; existing ones finish."""

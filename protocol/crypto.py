@@ -68,6 +68,16 @@ def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
 
 # --------------------------------------------------------------------------- identity keys
 
+def _strip_text(data: bytes) -> bytes:
+    """Strip the whitespace around PEM / OpenSSH text, never around binary DER.
+
+    DER always opens with a SEQUENCE tag (0x30); its last byte is key material
+    and may well be a "whitespace" byte (0x09-0x0d, 0x20), which ``strip()``
+    would cut off (about 1 Ed25519 key in 43).
+    """
+    return data if data[:1] == b"\x30" else data.strip()
+
+
 def _check_rsa(key: RSA.RsaKey) -> None:
     bits = key.size_in_bits()
     if bits < RSA_MIN_BITS:
@@ -113,7 +123,7 @@ class PublicKey:
             data = data.encode()
         if not data or len(data) > 16384:
             raise KeyFormatError("public key is empty or implausibly large")
-        stripped = data.strip()
+        stripped = _strip_text(data)
         errors = []
         for loader in (ECC.import_key, RSA.import_key):
             try:
@@ -206,7 +216,7 @@ class PrivateKey:
             data = data.encode()
         for loader in (ECC.import_key, RSA.import_key):
             try:
-                key = loader(data.strip())
+                key = loader(_strip_text(data))
             except (ValueError, IndexError, TypeError):
                 continue
             return cls(key)

@@ -192,7 +192,9 @@ def _headers(v, name="h"):
     if type(v) is not dict or len(v) > MAX_HEADERS:
         raise DecodeError(f"field {name!r} must be a map of at most {MAX_HEADERS} entries")
     for k, item in v.items():
-        if len(k) > 64 or not isinstance(item, _SCALARS):
+        # Keys must be str: record plaintext is unpacked with check_depth=False, and
+        # msgpack's strict_map_key still lets bytes keys through (SPEC.md §6.1).
+        if type(k) is not str or len(k) > 64 or not isinstance(item, _SCALARS):
             raise DecodeError(f"field {name!r}: header {k[:64]!r} is not a short key with a scalar value")
     return v
 

@@ -18,6 +18,8 @@ the caller supplies the identity the handshake authenticated.  What this module 
 * **Scopes** are service globs (``fnmatch``), never regexes: the original accepted user-supplied
   regular expressions, an easy ReDoS.  Globs are checked against a small ASCII allowlist when
   they are created, and matched case-sensitively against the normalised service path.
+  (``fnmatch`` turns globs into patterns that cannot backtrack catastrophically since
+  Python 3.9, and the allowlist keeps character classes out.)
 """
 from __future__ import annotations
 
@@ -154,7 +156,9 @@ def _get_semaphore() -> asyncio.Semaphore:
         return sem
 
 
-async def _run_scrypt(password: bytes, salt: bytes, log2_n: int, r: int, p: int, key_len: int) -> bytes:
+async def _run_scrypt(
+    password: bytes, salt: bytes, log2_n: int, r: int, p: int, key_len: int
+) -> bytes:
     async with _get_semaphore():
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
@@ -201,13 +205,19 @@ def _parse_hash(stored: str) -> _Params | None:
             if not number.isdigit() or len(number) > 3:
                 return None
             values[name] = int(number)
-        params = _Params(values["ln"], values["r"], values["p"], _unb64(fields[4]), _unb64(fields[5]))
+        params = _Params(
+            values["ln"], values["r"], values["p"], _unb64(fields[4]), _unb64(fields[5])
+        )
     except (KeyError, ValueError, binascii.Error):
         return None
-    if not (1 <= params.log2_n <= _MAX_LOG2_N and 1 <= params.r <= _MAX_R and 1 <= params.p <= _MAX_P):
+    if not 1 <= params.log2_n <= _MAX_LOG2_N:
         return None
-    if 128 * params.r * (1 << params.log2_n) > _MAX_MEMORY or not params.salt or not params.key:
+    if not (1 <= params.r <= _MAX_R and 1 <= params.p <= _MAX_P):
         return None
+    if 128 * params.r * (1 << params.log2_n) > _MAX_MEMORY:
+        return None
+    if len(params.salt) < 8 or not 16 <= len(params.key) <= 64:
+        return None  # nothing hash_password ever wrote: a damaged or forged row
     return params
 
 
@@ -325,7 +335,7 @@ def validate_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
                 f"scope {scope!r} contains {''.join(bad)!r}; scopes are globs of letters, "
                 "digits and _-./*? (not regular expressions)"
             )
-        glob = scope.lstrip("/")
+        glob = _normalise_glob(scope)
         if not glob:
             raise ValueError(f"scope {scope!r} is empty")
         if glob not in result:
@@ -333,6 +343,11 @@ def validate_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
     if len(result) > SCOPES_MAX:
         raise ValueError(f"at most {SCOPES_MAX} scopes are allowed")
     return tuple(result)
+
+
+def _normalise_glob(glob: str) -> str:
+    """``/svc//sub/`` -> ``svc/sub``: globs are compared with normalised paths."""
+    return "/".join(segment for segment in glob.split("/") if segment)
 
 
 def normalise_path(service_path: str) -> str | None:
@@ -362,7 +377,9 @@ def scope_allows(scopes: tuple[str, ...], service_path: str) -> bool:
     if path is None:
         return False
     for glob in scopes:
-        glob = glob.lstrip("/")
+        glob = _normalise_glob(glob)
+        if not glob:
+            continue
         if glob == "*" or fnmatchcase(path, glob) or fnmatchcase(path, glob + "/*"):
             return True
     return False
@@ -439,12 +456,16 @@ class Authority:
 
         ``scopes`` default to the user's own for guests and to ``("*",)`` otherwise.  A guest's
         requested scopes are intersected with its own: globs it may not have are dropped, and
-        :class:`Forbidden` is raised if none remain.  ``expire`` is the lifetime in seconds
-        (default ``token_expire``).  Raises :class:`~utesla_node.storage.TokenLimitReached`
-        when the user already holds ``token_limit`` live tokens, ``ValueError`` for bad
-        scopes, :class:`Unauthorized` if the user no longer exists.
+        :class:`Forbidden` is raised if none remain.  ``expire`` may shorten the lifetime
+        (seconds); it never exceeds the configured ``token_expire``.
+
+        Raises :class:`~utesla_node.storage.TokenLimitReached` when the user already holds
+        ``token_limit`` live tokens, ``ValueError`` for bad scopes or lifetimes, and
+        :class:`Unauthorized` if the user no longer exists.
         """
-        lifetime = self.token_expire if expire is None else self._check_lifetime(expire)
+        lifetime = self.token_expire
+        if expire is not None:
+            lifetime = min(lifetime, self._check_lifetime(expire))
         user = await self.storage.get_user(user_name)
         if user is None:
             raise Unauthorized(_INVALID_CREDENTIALS)
@@ -452,6 +473,8 @@ class Authority:
             granted = user.scopes if user.guest else ("*",)
         else:
             granted = validate_scopes(scopes)
+            if not granted:
+                raise ValueError("a token needs at least one scope")
             if user.guest:
                 wanted = granted
                 granted = tuple(s for s in wanted if _covered(s, user.scopes))

@@ -7,6 +7,7 @@ id for the client and the full traceback, under that id, in the node's log.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -27,6 +28,8 @@ log = logging.getLogger("utesla.request")
 #: Built-in services live under this prefix; user services cannot start with '_'.
 BUILTIN_PREFIX = "/_node/"
 _FIRST_WRITE_DEFER = 16384
+#: Streams that stay open by design (gossip subscriptions): no request deadline.
+LONG_LIVED = frozenset({"/_node/net/routes"})
 
 
 class ResponseWriter:
@@ -74,9 +77,12 @@ class ResponseWriter:
                                             body=body, end=False)
             self.session.schedule_flush()
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data) -> None:
+        """Send ``data``: bytes as they are, str as UTF-8, a dict or list as JSON."""
         if self.finished:
             raise RuntimeError("write() after the response finished")
+        if not isinstance(data, bytes):
+            data = self._encode(data)
         if not data:
             return
         self.sent += len(data)
@@ -90,6 +96,17 @@ class ResponseWriter:
             await self.session.respond(self.stream, self.status, self.headers, data, end=False)
         else:
             await self.stream.send_body(data)
+
+    def _encode(self, data) -> bytes:
+        if isinstance(data, str):
+            return data.encode()
+        if isinstance(data, (dict, list)):
+            if not self.started and self._stash is None:
+                self.headers.setdefault("content-type", "application/json")
+            return json.dumps(data).encode()
+        if isinstance(data, (bytearray, memoryview)):
+            return bytes(data)
+        raise TypeError("write() takes str, bytes or a dict/list (sent as JSON)")
 
     async def flush(self) -> None:
         self._send_stash()
@@ -171,7 +188,12 @@ class Dispatcher:
             timed_out = True
             task.cancel()
 
-        deadline = session.loop.call_later(node.config.request_timeout, on_deadline)
+        timeout = node.config.request_timeout
+        ttl = req.envelope.get("ttl") if req.envelope else None
+        if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+            timeout = max(0.001, min(timeout, ttl))   # the entry node's deadline, carried
+        deadline = None if req.path in LONG_LIVED else session.loop.call_later(timeout,
+                                                                              on_deadline)
         node.inflight += 1
         error_id = None
         try:
@@ -183,8 +205,7 @@ class Dispatcher:
                     if node.stopping:
                         raise StatusError("the node is shutting down", Status.UNAVAILABLE)
                     raise
-                raise RequestTimeout(
-                    f"request took longer than {node.config.request_timeout:g} s") from None
+                raise RequestTimeout(f"request took longer than {timeout:g} s") from None
         except StatusError as exc:
             writer.status = exc.status
             await self._report(writer, exc)
@@ -201,7 +222,8 @@ class Dispatcher:
             await self._report(writer, StatusError(f"internal error (id {error_id})",
                                                    Status.INTERNAL))
         finally:
-            deadline.cancel()
+            if deadline is not None:
+                deadline.cancel()
             node.inflight -= 1
             node.metrics.request(req.path, writer.status, time.monotonic() - t0)
             if log.isEnabledFor(logging.INFO):
@@ -217,8 +239,6 @@ class Dispatcher:
     async def _serve(self, session: Session, stream: Stream, writer: ResponseWriter) -> None:
         node = self.node
         req = stream.request
-        if req.envelope is not None and not node.is_peer_session(session):
-            raise BadRequest("forwarding envelopes are accepted only from peer nodes")
         if req.path.startswith(BUILTIN_PREFIX):
             await node.builtins.serve(session, stream, writer)
             return
@@ -234,7 +254,7 @@ class Dispatcher:
         method = req.method.lower()
         if method not in METHODS or not callable(getattr(service.handler, method, None)):
             raise MethodNotAllowed(f"{req.method} not allowed on {service.path}")
-        ctx = _Context(args=req.args or {}, user=req.envelope.get("user") if req.envelope else user.name,
+        ctx = _Context(args=req.args or {}, user=user.name,
                        path=req.path, subpath=rest, headers=req.headers,
                        body=RequestBody(stream, node.config.max_body), method=req.method,
                        node=node, writer=writer)

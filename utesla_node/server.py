@@ -81,6 +81,9 @@ class Node:
         sock = self._server.sockets[0]
         self.address = sock.getsockname()[:2]
         self.started_at = time.time()
+        from .network import Network
+        self.network = Network(self)
+        await self.network.start()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

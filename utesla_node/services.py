@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import json
 import logging
 import re
 import sys
@@ -101,15 +100,7 @@ class Handler:
 
         May be called many times; the client receives the pieces in order.
         """
-        if isinstance(data, str):
-            data = data.encode()
-        elif isinstance(data, (dict, list)):
-            if not self._ctx.started:
-                self._ctx.set_header("content-type", "application/json")
-            data = json.dumps(data).encode()
-        elif not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError("write() takes str, bytes or a dict/list (sent as JSON)")
-        await self._ctx.write(bytes(data))
+        await self._ctx.write(data)
 
     async def flush(self) -> None:
         await self._ctx.flush()

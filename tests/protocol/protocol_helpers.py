@@ -23,11 +23,12 @@ from hypothesis import HealthCheck, settings
 from protocol import AuthenticationRequested, Connection, ProtocolError, Role, Settings
 from protocol import messages as m
 from protocol.crypto import Ephemeral, PrivateKey, PublicKey
-from protocol.frame import HEADER, pack
+from protocol.frame import HEADER, frame, pack
+from protocol.record import REKEY_AFTER, Opener, Sealer
 
 __all__ = [
     "PROPERTY", "KEY_KINDS", "key", "Backends", "BACKEND_MATRIX", "Run", "Pair", "shuttle", "split_frames",
-    "flip", "plaintext_of", "seal_raw", "send_raw", "send_messages", "to_maps", "drive_to_end",
+    "flip", "plaintext_of", "seal_raw", "reseal", "unseal", "plain_frame", "send_raw", "send_messages", "to_maps", "drive_to_end",
     "LOW_ORDER_X25519", "SMALL_ORDER_ED25519", "ed25519_der",
 ]
 
@@ -100,8 +101,8 @@ def flip(data: bytes, position: int, bit: int = 0) -> bytes:
 
 
 def to_maps(*msgs) -> list:
-    """Wire maps of messages; dicts pass through untouched (for hand-made bad maps)."""
-    return [mm if isinstance(mm, dict) else m.to_map(mm) for mm in msgs]
+    """Wire maps of messages; anything else (hand-made bad maps) passes through untouched."""
+    return [m.to_map(mm) if isinstance(mm, m.Message) else mm for mm in msgs]
 
 
 def plaintext_of(*msgs) -> bytes:
@@ -114,6 +115,26 @@ def seal_raw(conn: Connection, plaintext: bytes) -> bytes:
     sealer = conn._sealer if conn._sealer is not None else conn._hs_sealer
     assert sealer is not None, "connection has no keys yet"
     return sealer.seal(plaintext)
+
+
+def reseal(key_bytes: bytes, plaintext: bytes, counter: int = 0) -> bytes:
+    """A record sealed under ``key_bytes`` at ``counter`` (to forge handshake records)."""
+    sealer = Sealer(key_bytes, None, REKEY_AFTER)
+    sealer.counter = counter
+    return sealer.seal(plaintext)
+
+
+def unseal(key_bytes: bytes, record: bytes, counter: int = 0) -> bytes:
+    """The plaintext of a wire record sealed under ``key_bytes`` at ``counter``."""
+    opener = Opener(key_bytes, None, REKEY_AFTER)
+    opener.counter = counter
+    return opener.open(record[:4], record[4:])
+
+
+def plain_frame(*msgs) -> bytes:
+    """A clear-text handshake frame (ClientHello / ServerHello / CLOSE before keys)."""
+    (only,) = to_maps(*msgs)
+    return frame(pack(only))
 
 
 def send_raw(src: Connection, dst: Connection, plaintext: bytes):

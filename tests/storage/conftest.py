@@ -11,12 +11,10 @@ a missing database must fail the run instead of silently halving it.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import secrets
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,8 @@ from urllib.parse import unquote, urlsplit
 import pymysql
 import pytest
 
-# Until the package is installed (pip install -e .) or setup.cfg gains ``pythonpath = .``,
-# ``pytest`` (unlike ``python -m pytest``) does not put the checkout on sys.path.
-if importlib.util.find_spec("utesla_node") is None:  # pragma: no cover - environment dependent
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from utesla_node.storage import Storage, redact_url  # noqa: E402
-from utesla_node.storage.sqlite import SQLiteStorage  # noqa: E402
+from utesla_node.storage import Storage, redact_url
+from utesla_node.storage.sqlite import SQLiteStorage
 
 MYSQL_URL = os.environ.get("UTESLA_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/")
 TABLES = ("tokens", "users", "peers", "meta")
@@ -114,7 +107,8 @@ class MariaDBServer:
         """Server-side ids of every connection currently using ``database``."""
         with self.admin.cursor() as cur:
             cur.execute(
-                "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s AND ID <> CONNECTION_ID()",
+                "SELECT ID FROM information_schema.PROCESSLIST "
+                "WHERE DB = %s AND ID <> CONNECTION_ID()",
                 (database,),
             )
             return [row[0] for row in cur.fetchall()]

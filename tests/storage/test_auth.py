@@ -5,6 +5,7 @@ import asyncio
 import base64
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -103,6 +104,7 @@ async def test_params_are_stored_and_needs_rehash() -> None:
     "", "garbage", "scrypt$ln=10$r=8$p=1$!!!$AAAA", "scrypt$ln=99$r=8$p=1$AAAA$AAAA",
     "scrypt$ln=22$r=32$p=1$AAAA$AAAA",  # would need 16 GiB: refused, not attempted
     "scrypt$r=8$ln=10$p=1$AAAA$AAAA", "bcrypt$2b$12$xxxxxxxx",
+    "scrypt$ln=10$r=8$p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAA",  # 3-byte key: forged, not ours
 ])
 async def test_unusable_stored_hash_never_matches(stored: str) -> None:
     assert await verify_password("pw", stored) is False
@@ -118,9 +120,10 @@ async def test_scrypt_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -
     threads: list[str] = []
     real = auth._scrypt
 
-    def spy(*args: object, **kwargs: object) -> bytes:
+    def spy(*args: Any, **kwargs: Any) -> bytes:
         threads.append(threading.current_thread().name)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+        result: bytes = real(*args, **kwargs)
+        return result
 
     monkeypatch.setattr(auth, "_scrypt", spy)
     await verify_password("pw", await hash_password("pw"))
@@ -214,10 +217,13 @@ def test_scope_matching() -> None:
     assert scope_allows(("echo?",), "/echo2") and not scope_allows(("echo?",), "/echo22")
     assert scope_allows(("a", "b/c"), "/b/c/d") and not scope_allows(("a", "b/c"), "/b")
     assert not scope_allows((), "/hello_world")
+    assert scope_allows(("svc/",), "/svc/x")  # stored globs are normalised like paths
+    assert not scope_allows(("/",), "/svc")
 
 
 def test_scope_validation() -> None:
-    assert validate_scopes(["/hello_world", "echo/*", "hello_world"]) == ("hello_world", "echo/*")
+    assert validate_scopes(["/hello_world", "echo/*", "hello_world/"]) == ("hello_world", "echo/*")
+    assert validate_scopes(["a//b/"]) == ("a/b",)
     assert validate_scopes([]) == ()
     assert validate_scopes(["a" * 128]) == ("a" * 128,)
 
@@ -307,7 +313,7 @@ async def test_bad_tokens_are_unauthorized_with_one_message(
         (token[:-1] + ("A" if token[-1] != "A" else "E"), "alice"),
     ]:
         with pytest.raises(Unauthorized) as info:
-            await authority.check_token(candidate, session, "/hello_world")  # type: ignore[arg-type]
+            await authority.check_token(candidate, session, "/x")  # type: ignore[arg-type]
         messages.add(str(info.value))
     assert len(messages) == 1
     await authority.check_token(token, "alice", "/hello_world")  # still fine for its owner
@@ -368,7 +374,7 @@ async def test_renew(authority: Authority, storage: Storage, clock: Clock) -> No
     clock.now = T0 + WEEK - 1
     renewed = await authority.renew(token, "alice")
     assert renewed.expires_at == clock.now + WEEK
-    assert (await storage.get_token(renewed.token_hash)).expires_at == renewed.expires_at  # type: ignore[union-attr]
+    assert await storage.get_token(renewed.token_hash) == renewed
     clock.now = T0 + WEEK + 10  # past the original expiry, within the renewed one
     await authority.check_token(token, "alice", "/x")
     with pytest.raises(Unauthorized):
@@ -395,6 +401,17 @@ async def test_token_limit(authority: Authority, storage: Storage) -> None:
     await authority.issue_token("carol")
 
 
+async def test_requested_lifetime_is_capped(authority: Authority, storage: Storage) -> None:
+    await add_user(storage, token_limit=0)
+    _, short = await authority.issue_token("alice", expire=60)
+    assert short.expires_at == T0 + 60
+    _, capped = await authority.issue_token("alice", expire=100 * WEEK)
+    assert capped.expires_at == T0 + WEEK  # the node's token_expire is a ceiling
+    for bad in (0, -5, float("nan")):
+        with pytest.raises(ValueError):
+            await authority.issue_token("alice", expire=bad)
+
+
 async def test_token_scopes(authority: Authority, storage: Storage) -> None:
     await add_user(storage)
     token, record = await authority.issue_token("alice", scopes=["/echo", "hello*"])
@@ -405,6 +422,8 @@ async def test_token_scopes(authority: Authority, storage: Storage) -> None:
         await authority.check_token(token, "alice", "/admin")
     with pytest.raises(ValueError):
         await authority.issue_token("alice", scopes=["^.*$"])
+    with pytest.raises(ValueError):
+        await authority.issue_token("alice", scopes=[])
 
 
 async def test_guest_scopes(authority: Authority, storage: Storage) -> None:
@@ -418,7 +437,9 @@ async def test_guest_scopes(authority: Authority, storage: Storage) -> None:
             await authority.check_token(token, "guest", path)
 
     # A guest cannot widen its reach: wider globs are dropped from the request...
-    narrowed, record = await authority.issue_token("guest", scopes=["*", "hello_world/sub", "admin"])
+    narrowed, record = await authority.issue_token(
+        "guest", scopes=["*", "hello_world/sub", "admin"]
+    )
     assert record.scopes == ("hello_world/sub",)
     await authority.check_token(narrowed, "guest", "/hello_world/sub/x")
     with pytest.raises(Forbidden):

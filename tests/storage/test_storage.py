@@ -22,6 +22,17 @@ T0 = 1_700_000_000.25  # a fixed "now"; storage never reads the clock itself
 DAY = 86400.0
 
 
+def stored_version(backend: Backend) -> int:
+    (row,) = backend.execute("SELECT value FROM meta WHERE name = 'schema_version'")
+    return int(row[0])
+
+
+async def must_user(storage: Storage, name: str) -> User:
+    found = await storage.get_user(name)
+    assert found is not None, name
+    return found
+
+
 def user(name: str = "alice", **kw: object) -> User:
     fields: dict[str, object] = dict(
         password_hash="scrypt$ln=10$r=8$p=1$c2FsdA$a2V5",
@@ -70,7 +81,7 @@ async def test_duplicate_user_is_refused(storage: Storage) -> None:
     await storage.add_user(user("alice"))
     with pytest.raises(AlreadyExists):
         await storage.add_user(user("alice", token_limit=5))
-    assert (await storage.get_user("alice")).token_limit == 1  # type: ignore[union-attr]
+    assert (await must_user(storage, "alice")).token_limit == 1
 
 
 async def test_trailing_space_is_a_different_user(storage: Storage) -> None:
@@ -98,10 +109,10 @@ async def test_credential_change_revokes_tokens(storage: Storage, change: str) -
     await storage.add_token(token("bob"), limit=0, now=T0)
     if change == "password":
         await storage.set_password("alice", "scrypt$new")
-        assert (await storage.get_user("alice")).password_hash == "scrypt$new"  # type: ignore[union-attr]
+        assert (await must_user(storage, "alice")).password_hash == "scrypt$new"
     else:
         await storage.set_public_key("alice", "NEW PEM")
-        assert (await storage.get_user("alice")).public_key == "NEW PEM"  # type: ignore[union-attr]
+        assert (await must_user(storage, "alice")).public_key == "NEW PEM"
     assert [t.revoked for t in await storage.list_tokens("alice")] == [True]
     assert [t.revoked for t in await storage.list_tokens("bob")] == [False]
 
@@ -127,7 +138,7 @@ async def test_unicode_names_round_trip(storage: Storage) -> None:
         await storage.add_user(user(name))
         await storage.add_token(token(name), limit=1, now=T0)
     for name in names:
-        assert (await storage.get_user(name)).name == name  # type: ignore[union-attr]
+        assert (await must_user(storage, name)).name == name
         assert [t.user for t in await storage.list_tokens(name)] == [name]
     assert [u.name for u in await storage.list_users()] == sorted(names)
 
@@ -196,18 +207,21 @@ async def test_concurrent_issuers_cannot_exceed_the_limit(storage: Storage) -> N
 
 async def test_revoke_renew_delete_purge(storage: Storage) -> None:
     await storage.add_user(user("alice", token_limit=0))
-    live, revoked, expired = token("alice", "live"), token("alice", "rev"), token("alice", "old", ttl=10)
+    live, revoked = token("alice", "live"), token("alice", "rev")
+    expired = token("alice", "old", ttl=10)
     for tok in (live, revoked, expired):
         await storage.add_token(tok, limit=0, now=T0)
 
     assert await storage.revoke_token(revoked.token_hash) is True
     assert await storage.revoke_token(revoked.token_hash) is True  # still exists
     assert await storage.revoke_token(hashlib.sha256(b"nope").digest()) is False
-    assert (await storage.get_token(revoked.token_hash)).revoked  # type: ignore[union-attr]
+    revoked_now = await storage.get_token(revoked.token_hash)
+    assert revoked_now is not None and revoked_now.revoked
 
     assert await storage.renew_token(live.token_hash, T0 + 5 * DAY) is True
     assert await storage.renew_token(live.token_hash, T0 + 5 * DAY) is True  # same value
-    assert (await storage.get_token(live.token_hash)).expires_at == T0 + 5 * DAY  # type: ignore[union-attr]
+    renewed = await storage.get_token(live.token_hash)
+    assert renewed is not None and renewed.expires_at == T0 + 5 * DAY
     assert await storage.renew_token(revoked.token_hash, T0 + 5 * DAY) is False  # no resurrection
     assert await storage.renew_token(hashlib.sha256(b"nope").digest(), T0) is False
 
@@ -243,7 +257,8 @@ async def test_peers_crud(storage: Storage) -> None:
     with pytest.raises(AlreadyExists):
         await storage.add_peer(peer("utesla://b:17000"))
     await storage.add_peer(peer("utesla://b:17000", token="ut1_other", priority=0), overwrite=True)
-    assert (await storage.get_peer("utesla://b:17000")).token == "ut1_other"  # type: ignore[union-attr]
+    replaced = await storage.get_peer("utesla://b:17000")
+    assert replaced is not None and replaced.token == "ut1_other"
     assert await storage.set_peer_priority("utesla://b:17000", 9) is True
     assert await storage.set_peer_priority("utesla://b:17000", 9) is True  # unchanged but found
     assert await storage.set_peer_priority("utesla://nope:1", 9) is False
@@ -251,6 +266,21 @@ async def test_peers_crud(storage: Storage) -> None:
     assert await storage.delete_peer("utesla://b:17000") is True
     assert await storage.delete_peer("utesla://b:17000") is False
     assert [p.url for p in await storage.list_peers()] == ["utesla://c:17000"]
+
+
+def test_records_normalise_and_validate() -> None:
+    u = user(scopes=(s for s in ["a", "b"]))  # any iterable; stored as a tuple
+    assert u.scopes == ("a", "b")
+    with pytest.raises(TypeError):
+        user(scopes="abc")
+    with pytest.raises(ValueError):
+        user(token_limit=-1)
+    with pytest.raises(ValueError):
+        Token(token_hash=b"x" * 31, user="a", created_at=0, expires_at=1)
+    with pytest.raises(ValueError):
+        Token(token_hash=b"x" * 32, user="a", created_at=0, expires_at=float("inf"))
+    with pytest.raises(ValueError):
+        peer(priority=2**31)
 
 
 def test_peer_repr_hides_token() -> None:
@@ -273,14 +303,16 @@ async def test_reopen_existing_database(backend: Backend) -> None:
         assert (await again.get_user("alice")) is not None
         await again.ping()
         await again.close()
-    assert backend.execute("SELECT value FROM meta WHERE name = 'schema_version'") == [(SCHEMA_VERSION,)]
+    assert stored_version(backend) == SCHEMA_VERSION
 
 
 async def test_newer_schema_is_refused(backend: Backend) -> None:
     store = backend.make()
     await store.open()
     await store.close()
-    backend.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (SCHEMA_VERSION + 1,))
+    backend.execute(
+        "UPDATE meta SET value = ? WHERE name = 'schema_version'", (SCHEMA_VERSION + 1,)
+    )
     newer = backend.make()
     with pytest.raises(SchemaTooNew) as info:
         await newer.open()
@@ -288,7 +320,7 @@ async def test_newer_schema_is_refused(backend: Backend) -> None:
     assert f"version {SCHEMA_VERSION + 1}" in message and f"({SCHEMA_VERSION})" in message
     assert "upgrade utesla-node" in message
     # Refusing leaves the database untouched and the storage closed.
-    assert backend.execute("SELECT value FROM meta WHERE name = 'schema_version'") == [(SCHEMA_VERSION + 1,)]
+    assert stored_version(backend) == SCHEMA_VERSION + 1
     with pytest.raises(StorageUnavailable):
         await newer.get_user("alice")
 
@@ -315,7 +347,9 @@ async def test_sqlite_file_settings(sqlite_backend: SQLiteBackend) -> None:
     assert backend.execute("PRAGMA journal_mode") == [("wal",)]
 
 
-async def test_sqlite_locked_database_is_unavailable_then_recovers(sqlite_backend: SQLiteBackend) -> None:
+async def test_sqlite_locked_database_is_unavailable_then_recovers(
+    sqlite_backend: SQLiteBackend,
+) -> None:
     backend = sqlite_backend
     store = backend.make(busy_timeout_ms=50)
     await store.open()
@@ -498,7 +532,8 @@ def test_open_storage_sqlite_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert isinstance(store, SQLiteStorage)
     assert store.path == f"{tmp_path}/abs.db" and store.busy_timeout_ms == 10
     monkeypatch.chdir(tmp_path)
-    assert open_storage("sqlite:rel.db", "unused").path == str(tmp_path / "rel.db")  # type: ignore[attr-defined]
+    relative = open_storage("sqlite:rel.db", "unused")
+    assert isinstance(relative, SQLiteStorage) and relative.path == str(tmp_path / "rel.db")
     for bad in ("sqlite://host/x.db", "sqlite:", "sqlite:///"):
         with pytest.raises(ValueError):
             open_storage(bad, "unused")
@@ -508,16 +543,21 @@ def test_open_storage_mysql_url(monkeypatch: pytest.MonkeyPatch) -> None:
     from utesla_node.storage.mariadb import MariaDBStorage
 
     monkeypatch.delenv("UTESLA_DB_PASSWORD", raising=False)
-    store = open_storage("mysql://us%40er:p%3Ass%2Fw@db.example:3307/utesla?pool_size=4", "x")
-    assert isinstance(store, MariaDBStorage)
-    assert (store.user, store._password, store.host, store.port, store.database, store.pool_size) == (
-        "us@er", "p:ss/w", "db.example", 3307, "utesla", 4)
-    store = open_storage("mariadb://u@db/utesla", "x")
-    assert store.port == 3306 and store._password == "" and store.pool_size == 10  # type: ignore[attr-defined]
+    def mysql(url: str) -> MariaDBStorage:
+        store = open_storage(url, "unused")
+        assert isinstance(store, MariaDBStorage)
+        return store
+
+    store = mysql("mysql://us%40er:p%3Ass%2Fw@db.example:3307/utesla?pool_size=4")
+    assert (store.user, store._password, store.host, store.port) == (
+        "us@er", "p:ss/w", "db.example", 3307)
+    assert (store.database, store.pool_size, store._ssl) == ("utesla", 4, None)
+    store = mysql("mariadb://u@db/utesla")
+    assert store.port == 3306 and store._password == "" and store.pool_size == 10
     monkeypatch.setenv("UTESLA_DB_PASSWORD", "from-env")
-    assert open_storage("mysql://u@db/utesla", "x")._password == "from-env"  # type: ignore[attr-defined]
-    assert open_storage("mysql://u:given@db/utesla", "x")._password == "given"  # type: ignore[attr-defined]
-    assert open_storage("mysql://u@db/utesla?ssl_verify=false&ssl=1", "x")._ssl is not None  # type: ignore[attr-defined]
+    assert mysql("mysql://u@db/utesla")._password == "from-env"
+    assert mysql("mysql://u:given@db/utesla")._password == "given"
+    assert mysql("mysql://u@db/utesla?ssl_verify=false&ssl=1")._ssl is not None
 
 
 @pytest.mark.parametrize("url", [

@@ -371,3 +371,173 @@ def call(url, method, data, upload, output, arguments, user, private_key, server
 
 def _main_entry():  # pragma: no cover
     main()
+
+
+# --------------------------------------------------------------------------- networks
+
+def _read_state(cfg) -> dict:
+    import json
+    try:
+        return json.loads((cfg.data_dir / "network.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+@main.command("add_network", context_settings=CONTEXT)
+@click.argument("url")
+@click.option("-s", "--server-key", "server_key", required=True, type=click.Path(dir_okay=False),
+              help="The peer node's public key.")
+@click.option("-p", "--public-key", "public_key", default="keys/key.pub", show_default=True,
+              type=click.Path(dir_okay=False), help="This node's public key.")
+@click.option("-P", "--private-key", "private_key", default="keys/key.priv", show_default=True,
+              type=click.Path(dir_okay=False), help="This node's private key.")
+@click.option("-u", "--user", required=True, help="The account the peer's admin made for us.")
+@click.option("-t", "--token", default=None,
+              help="Our token at the peer ('-' reads standard input; omitted: prompted).")
+@click.option("--priority", type=int, default=0, show_default=True,
+              help="Lower is preferred among equally short routes.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing entry for URL.")
+@config_option
+@user_errors
+def add_network(url, server_key, public_key, private_key, user, token, priority, overwrite,
+                config_path):
+    """Link this node to a peer: its services become reachable through this node.
+
+    The peer must answer, prove its key, and accept our account and token
+    before anything is stored.  A running node picks the link up within 2 s.
+    """
+    from ..client import Client, parse_url
+    from ..storage import Peer
+    host, port, _ = parse_url(url)
+    url = f"utesla://{host}:{port}"
+    priv = load_private_key(private_key)
+    if load_public_key(public_key) != priv.public:
+        fail(f"{public_key} is not the public half of {private_key}")
+    peer_key = load_public_key(server_key)
+    if token == "-":
+        token = sys.stdin.readline().strip()
+    elif token is None:
+        token = read_password(None, "Token at the peer")
+
+    async def go(storage, cfg):
+        async with Client(url, user=user, private_key=priv, node_key=peer_key, token=token,
+                          timeout=15.0) as c:
+            await c.get("/_node/net/status")      # proves the token is accepted
+        await storage.add_peer(Peer(url=url, public_key=peer_key.to_pem(), user=user,
+                                    token=token, priority=priority, created_at=time.time()),
+                               overwrite=overwrite)
+
+    run_async(_with_storage(config_path, go))
+    click.echo(f"network {url} added (peer key {peer_key.fingerprint()}, as {user})")
+
+
+alias(main, add_network, "add-network")
+
+
+@main.command("del_network", context_settings=CONTEXT)
+@click.argument("url")
+@config_option
+@user_errors
+def del_network(url, config_path):
+    """Remove a peer link (a running node drops it within 2 s)."""
+    from ..client import parse_url
+    host, port, _ = parse_url(url)
+
+    async def go(storage, cfg):
+        return await storage.delete_peer(f"utesla://{host}:{port}")
+
+    if not run_async(_with_storage(config_path, go)):
+        fail(f"no network {url}")
+    click.echo(f"network {url} removed")
+
+
+alias(main, del_network, "del-network")
+
+
+@main.command("set_priority", context_settings=CONTEXT)
+@click.argument("url")
+@click.argument("priority", type=int)
+@config_option
+@user_errors
+def set_priority(url, priority, config_path):
+    """Set a peer's priority (lower is preferred among equally short routes)."""
+    from ..client import parse_url
+    host, port, _ = parse_url(url)
+
+    async def go(storage, cfg):
+        return await storage.set_peer_priority(f"utesla://{host}:{port}", priority)
+
+    if not run_async(_with_storage(config_path, go)):
+        fail(f"no network {url}")
+    click.echo(f"priority of {url} set to {priority}")
+
+
+alias(main, set_priority, "set-priority")
+
+
+@main.command("show_networks", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@config_option
+@user_errors
+def show_networks(as_json, config_path):
+    """List peers with their link state (tokens are never shown)."""
+    import json
+    from protocol.crypto import PublicKey
+
+    async def go(storage, cfg):
+        return await storage.list_peers(), _read_state(cfg)
+
+    peers, state = run_async(_with_storage(config_path, go))
+    links = {l["url"]: l for l in state.get("links", [])}
+    rows = []
+    for p in peers:
+        l = links.get(p.url, {})
+        rows.append({"url": p.url, "user": p.user, "priority": p.priority,
+                     "key": PublicKey.from_bytes(p.public_key).fingerprint(),
+                     "state": l.get("state", "unknown (node not running?)"),
+                     "rtt_ms": l.get("rtt_ms"), "routes": l.get("routes"),
+                     "last_error": l.get("last_error", "")})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no networks")
+        return
+    click.echo(f"{'URL':<28} {'USER':<12} {'PRI':>3} {'STATE':<11} {'RTT ms':>7} {'ROUTES':>6}  KEY")
+    for r in rows:
+        rtt = f"{r['rtt_ms']:.2f}" if r["rtt_ms"] is not None else "-"
+        click.echo(f"{r['url']:<28} {r['user']:<12} {r['priority']:>3} {r['state']:<11} "
+                   f"{rtt:>7} {str(r['routes'] if r['routes'] is not None else '-'):>6}  {r['key']}")
+        if r["last_error"] and r["state"] != "up":
+            click.echo(f"    last error: {r['last_error']}")
+
+
+alias(main, show_networks, "show-networks")
+
+
+@main.command("show_services", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@config_option
+@user_errors
+def show_services(as_json, config_path):
+    """List local and learned services: origin, next hop, hops, replicas."""
+    import json
+    from ..services import ServiceRegistry
+    cfg = load_cfg(config_path)
+    state = _read_state(cfg)
+    local = state.get("local")
+    if local is None:
+        local = ServiceRegistry.load(cfg.services_dir).names()
+    rows = [{"path": "/" + s, "origin": "local", "next_hop": "-", "hops": 0, "replicas": 1}
+            for s in local]
+    rows += state.get("routes", [])
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'SERVICE':<28} {'HOPS':>4} {'REPLICAS':>8}  {'NEXT HOP':<28} ORIGIN")
+    for r in rows:
+        click.echo(f"{r['path']:<28} {r['hops']:>4} {r['replicas']:>8}  {r['next_hop']:<28} "
+                   f"{r['origin']}")
+
+
+alias(main, show_services, "show-services")

@@ -73,7 +73,9 @@ def open_storage(url: str | None, data_dir: str | os.PathLike[str], **opts: Any)
     scheme, sep, _ = url.partition(":")
     scheme = scheme.lower()
     if not sep:
-        raise ValueError(f"database url {redact_url(url)!r} has no scheme; expected sqlite: or mysql://")
+        raise ValueError(
+            f"database url {redact_url(url)!r} has no scheme; expected sqlite: or mysql://"
+        )
     if scheme == "sqlite":
         return SQLiteStorage(_sqlite_path(url), **opts)
     if scheme in _MYSQL_SCHEMES:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -114,10 +115,13 @@ def check_time(value: object, what: str) -> float:
 
 
 def _freeze_scopes(obj: object, scopes: object) -> None:
-    """Coerce ``scopes`` to a tuple of str on a frozen dataclass (lists are a common slip)."""
-    if isinstance(scopes, str) or not all(isinstance(s, str) for s in scopes):  # type: ignore[attr-defined]
+    """Store ``scopes`` as a tuple of str on a frozen dataclass (lists are a common slip)."""
+    if isinstance(scopes, (str, bytes)) or not isinstance(scopes, Iterable):
         raise TypeError("scopes must be a sequence of str")
-    object.__setattr__(obj, "scopes", tuple(scopes))  # type: ignore[call-overload]
+    items = tuple(scopes)
+    if not all(isinstance(s, str) for s in items):
+        raise TypeError("scopes must be a sequence of str")
+    object.__setattr__(obj, "scopes", items)
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,7 @@ class Token:
     revoked: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.token_hash, (bytes, bytearray)) or len(self.token_hash) != TOKEN_HASH_LEN:
+        if not valid_hash(self.token_hash):
             raise ValueError(f"token_hash must be {TOKEN_HASH_LEN} bytes")
         object.__setattr__(self, "token_hash", bytes(self.token_hash))
         _check_text(self.user, "user name", MAX_NAME_LEN)
@@ -239,7 +243,7 @@ class Storage(abc.ABC):
     :class:`StorageUnavailable`; the others are documented per method.
     """
 
-    async def __aenter__(self) -> "Storage":
+    async def __aenter__(self) -> Storage:
         await self.open()
         return self
 
@@ -294,11 +298,17 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def set_password(self, name: str, password_hash: str) -> None:
-        """Replace the password hash and revoke the user's tokens.  :class:`NoSuchEntry` if unknown."""
+        """Replace the password hash and revoke the user's tokens.
+
+        :class:`NoSuchEntry` if there is no such user.
+        """
 
     @abc.abstractmethod
     async def set_public_key(self, name: str, pem: str) -> None:
-        """Replace the public key and revoke the user's tokens.  :class:`NoSuchEntry` if unknown."""
+        """Replace the public key and revoke the user's tokens.
+
+        :class:`NoSuchEntry` if there is no such user.
+        """
 
     # -- tokens
 

@@ -405,7 +405,8 @@ class MariaDBStorage(Storage):
 
         async def get(cur: Cursor) -> tuple[Any, ...] | None:
             await cur.execute(f"SELECT {_USER_COLS} FROM users WHERE name = %s", (name,))
-            return await cur.fetchone()
+            row: tuple[Any, ...] | None = await cur.fetchone()
+            return row
 
         row = await self._read(get)
         return _user(row) if row else None
@@ -422,8 +423,13 @@ class MariaDBStorage(Storage):
             return False
 
         async def delete(cur: Cursor) -> bool:
+            # Lock the user row first, in the same order as add_token (user, then tokens), so
+            # the two can never deadlock each other.
+            if not await cur.execute("SELECT name FROM users WHERE name = %s FOR UPDATE", (name,)):
+                return False
             await cur.execute("DELETE FROM tokens WHERE user_name = %s", (name,))
-            return await cur.execute("DELETE FROM users WHERE name = %s", (name,)) > 0
+            await cur.execute("DELETE FROM users WHERE name = %s", (name,))
+            return True
 
         return await self._tx(delete)
 
@@ -440,7 +446,8 @@ class MariaDBStorage(Storage):
     async def _update_credential(self, column: str, name: str, value: str) -> None:
         # ``column`` is one of two literals chosen above, never caller input.
         async def update(cur: Cursor) -> None:
-            if not await cur.execute(f"UPDATE users SET {column} = %s WHERE name = %s", (value, name)):
+            sql = f"UPDATE users SET {column} = %s WHERE name = %s"
+            if not await cur.execute(sql, (value, name)):
                 raise NoSuchEntry(f"no user {name!r}")
             await cur.execute("UPDATE tokens SET revoked = 1 WHERE user_name = %s", (name,))
 
@@ -483,9 +490,11 @@ class MariaDBStorage(Storage):
 
         async def get(cur: Cursor) -> tuple[Any, ...] | None:
             await cur.execute(
-                f"SELECT {_TOKEN_COLS} FROM tokens WHERE token_hash = UNHEX(%s)", (_hex(token_hash),)
+                f"SELECT {_TOKEN_COLS} FROM tokens WHERE token_hash = UNHEX(%s)",
+                (_hex(token_hash),),
             )
-            return await cur.fetchone()
+            row: tuple[Any, ...] | None = await cur.fetchone()
+            return row
 
         row = await self._read(get)
         return _token(row) if row else None
@@ -574,7 +583,8 @@ class MariaDBStorage(Storage):
 
         async def get(cur: Cursor) -> tuple[Any, ...] | None:
             await cur.execute(f"SELECT {_PEER_COLS} FROM peers WHERE url = %s", (url,))
-            return await cur.fetchone()
+            row: tuple[Any, ...] | None = await cur.fetchone()
+            return row
 
         row = await self._read(get)
         return _peer(row) if row else None

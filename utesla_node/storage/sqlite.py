@@ -78,7 +78,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
 
-_META_DDL = "CREATE TABLE IF NOT EXISTS meta (name TEXT NOT NULL PRIMARY KEY, value INTEGER NOT NULL)"
+_META_DDL = (
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT NOT NULL PRIMARY KEY, value INTEGER NOT NULL)"
+)
 
 _USER_COLS = "name, password_hash, public_key, token_limit, guest, scopes, created_at"
 _TOKEN_COLS = "token_hash, user_name, created_at, expires_at, scopes, revoked"
@@ -169,8 +171,7 @@ class SQLiteStorage(Storage):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000):
-        if isinstance(busy_timeout_ms, bool) or not isinstance(busy_timeout_ms, int) or busy_timeout_ms < 0:
-            raise ValueError("busy_timeout_ms must be a non-negative int")
+        check_int32(busy_timeout_ms, "busy_timeout_ms", minimum=0)
         self.path = str(path)
         self.busy_timeout_ms = busy_timeout_ms
         self._executor: ThreadPoolExecutor | None = None
@@ -349,7 +350,9 @@ class SQLiteStorage(Storage):
         if not valid_key(name, MAX_NAME_LEN):
             return None
         row = await self._run(
-            lambda conn: conn.execute(f"SELECT {_USER_COLS} FROM users WHERE name = ?", (name,)).fetchone()
+            lambda conn: conn.execute(
+                f"SELECT {_USER_COLS} FROM users WHERE name = ?", (name,)
+            ).fetchone()
         )
         return _user(row) if row else None
 
@@ -400,11 +403,14 @@ class SQLiteStorage(Storage):
             raise NoSuchEntry(f"no user {token.user!r}")
         if limit > 0:
             (live,) = conn.execute(
-                "SELECT COUNT(*) FROM tokens WHERE user_name = ? AND revoked = 0 AND expires_at > ?",
+                "SELECT COUNT(*) FROM tokens "
+                "WHERE user_name = ? AND revoked = 0 AND expires_at > ?",
                 (token.user, now),
             ).fetchone()
             if live >= limit:
-                raise TokenLimitReached(f"user {token.user!r} already holds {live} of {limit} tokens")
+                raise TokenLimitReached(
+                    f"user {token.user!r} already holds {live} of {limit} tokens"
+                )
         conn.execute(
             f"INSERT INTO tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
             (token.token_hash, token.user, token.created_at, token.expires_at,
@@ -426,7 +432,8 @@ class SQLiteStorage(Storage):
             return []
         rows = await self._run(
             lambda conn: conn.execute(
-                f"SELECT {_TOKEN_COLS} FROM tokens WHERE user_name = ? ORDER BY created_at, token_hash",
+                f"SELECT {_TOKEN_COLS} FROM tokens WHERE user_name = ? "
+                "ORDER BY created_at, token_hash",
                 (user,),
             ).fetchall()
         )
@@ -505,13 +512,17 @@ class SQLiteStorage(Storage):
         if not valid_key(url, MAX_URL_LEN):
             return None
         row = await self._run(
-            lambda conn: conn.execute(f"SELECT {_PEER_COLS} FROM peers WHERE url = ?", (url,)).fetchone()
+            lambda conn: conn.execute(
+                f"SELECT {_PEER_COLS} FROM peers WHERE url = ?", (url,)
+            ).fetchone()
         )
         return _peer(row) if row else None
 
     async def list_peers(self) -> list[Peer]:
         rows = await self._run(
-            lambda conn: conn.execute(f"SELECT {_PEER_COLS} FROM peers ORDER BY priority, url").fetchall()
+            lambda conn: conn.execute(
+                f"SELECT {_PEER_COLS} FROM peers ORDER BY priority, url"
+            ).fetchall()
         )
         return [_peer(row) for row in rows]
 

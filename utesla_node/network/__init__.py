@@ -1,0 +1,358 @@
+"""The network: peer links, gossip of service tables, transparent forwarding.
+
+``Network`` ties the pure :class:`~utesla_node.network.gossip.GossipEngine` to
+the node: it keeps a :class:`~utesla_node.network.links.Link` per row of the
+peers table (re-read every second, so ``utesla-cli add_network`` takes effect
+on a running node without a restart), serves gossip subscriptions to
+downstream nodes, and forwards requests for services this node lacks
+(SPEC.md §9.4).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from protocol.errors import (BadRequest, GatewayTimeout, LoopDetected, NotFound, Status,
+                             StatusError, Unavailable, error_for_status)
+
+from ..keys import write_atomic
+from ..storage import StorageError
+from ..transport import ConnectionLost, Session, Stream
+from .gossip import GossipEngine, Route, encode_message
+from .links import LEN, Link
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..dispatch import ResponseWriter
+    from ..server import Node
+
+__all__ = ["Network", "Link", "GossipEngine", "Route"]
+
+log = logging.getLogger("utesla.network")
+PEERS_POLL = 1.0
+ROUTES_PATH = "/_node/net/routes"
+
+
+class Network:
+    """A node's view of, and place in, the network (see the module docstring)."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+        cfg = node.config
+        self.id = node.key.public.fingerprint()
+        self.engine = GossipEngine(self.id, max_hops=cfg.max_hops,
+                                   digest_interval=cfg.gossip_interval,
+                                   route_ttl=max(4 * cfg.gossip_interval,
+                                                 3 * cfg.heartbeat_interval))
+        self.links: dict[str, Link] = {}          # url -> link
+        self.subscribers: dict[str, asyncio.Queue] = {}
+        self._kick = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._state_file = cfg.data_dir / "network.json"
+        self._state_written = 0.0
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.engine.set_local(self.node.registry.names(), time.monotonic())
+        loop = asyncio.get_running_loop()
+        await self._sync_peers()
+        self._tasks = [loop.create_task(self._pump(), name="gossip pump"),
+                       loop.create_task(self._watch_peers(), name="peers watcher")]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for q in self.subscribers.values():
+            q.put_nowait(None)
+        await asyncio.gather(*(link.stop() for link in self.links.values()),
+                             return_exceptions=True)
+        self.links.clear()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def local_services_changed(self) -> None:
+        self.engine.set_local(self.node.registry.names(), time.monotonic())
+        self.kick()
+
+    # -------------------------------------------------------------- peers table
+
+    async def _watch_peers(self) -> None:
+        while True:
+            await asyncio.sleep(PEERS_POLL)
+            try:
+                await self._sync_peers()
+            except StorageError as exc:
+                log.debug("cannot read the peers table: %s", exc)
+
+    async def _sync_peers(self) -> None:
+        peers = {p.url: p for p in await self.node.storage.list_peers()}
+        for url, link in list(self.links.items()):
+            p = peers.get(url)
+            if p is None or (p.public_key, p.user, p.token) != (
+                    link.peer.public_key, link.peer.user, link.peer.token):
+                log.info("peer %s %s", url, "removed" if p is None else "changed")
+                del self.links[url]
+                await link.stop()
+            elif p.priority != link.peer.priority:
+                link.peer = p
+        for url, p in peers.items():
+            if url not in self.links:
+                try:
+                    link = Link(self, p)
+                except Exception as exc:  # a corrupt row must not stop the others
+                    log.error("peer %s unusable: %s", url, exc)
+                    continue
+                if link.peer_id == self.id:
+                    log.error("peer %s has this node's own key: ignored", url)
+                    continue
+                self.links[url] = link
+                link.start()
+                log.info("peer %s added (%s)", url, link.peer_id[:20])
+
+    # -------------------------------------------------------------- gossip pump
+
+    async def _pump(self) -> None:
+        engine = self.engine
+        while True:
+            now = time.monotonic()
+            for sub, msg in engine.poll(now):
+                q = self.subscribers.get(sub)
+                if q is not None:
+                    q.put_nowait(msg)
+            for peer in list(engine.resync):
+                for link in self.links.values():
+                    if link.peer_id == peer and link.up:
+                        link.resubscribe()
+            self._write_state()
+            deadline = engine.next_deadline()
+            timeout = 1.0 if deadline is None else max(0.005, min(1.0, deadline - time.monotonic()))
+            self._kick.clear()
+            try:
+                await asyncio.wait_for(self._kick.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def serve_routes(self, session: Session, stream: Stream,
+                           writer: "ResponseWriter") -> None:
+        """A downstream node subscribes: snapshot first, then updates and digests."""
+        sub = session.peer_key.fingerprint()
+        old = self.subscribers.pop(sub, None)
+        if old is not None:
+            old.put_nowait(None)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.subscribers[sub] = queue
+        snap = self.engine.subscribe(sub, time.monotonic())
+        log.info("gossip subscriber %s (%s) with %d route(s)", session.peer_user, sub[:20],
+                 len(snap["r"]))
+        try:
+            data = encode_message(snap)
+            await writer.write(LEN.pack(len(data)) + data)
+            await writer.flush()
+            while True:
+                msg = await queue.get()
+                if msg is None:
+                    return
+                data = encode_message(msg)
+                await writer.write(LEN.pack(len(data)) + data)
+                await writer.flush()
+        finally:
+            if self.subscribers.get(sub) is queue:
+                del self.subscribers[sub]
+                self.engine.unsubscribe(sub)
+
+    async def builtin(self, session: Session, stream: Stream, writer: "ResponseWriter",
+                      name: str) -> None:
+        await self.node.authorize(session, stream.request.token, "_node/net/" + name)
+        if name == "routes":
+            await self.serve_routes(session, stream, writer)
+        elif name == "status":
+            await writer.write(self.status())
+        else:
+            raise NotFound(f"no built-in service /_node/net/{name}")
+
+    # -------------------------------------------------------------- views
+
+    def is_peer_session(self, session: Session) -> bool:
+        return session.peer_key is not None and session.peer_key.fingerprint() in self.subscribers
+
+    def routes_summary(self) -> list[dict]:
+        out = []
+        for svc, cands in sorted(self.engine.best.items()):
+            if svc in self.engine.local:
+                continue
+            by_peer = {link.peer_id: link for link in self.links.values()}
+            best = cands[0]
+            link = by_peer.get(best[0])
+            out.append({"path": "/" + svc, "origin": best[1].origin,
+                        "next_hop": link.peer.url if link else best[0], "hops": best[1].hops,
+                        "replicas": len({r.origin for _, r in cands}),
+                        "routes": len(cands)})
+        return out
+
+    def status(self) -> dict:
+        return {"node": self.id, "links": [l.describe() for l in self.links.values()],
+                "subscribers": len(self.subscribers), "routes": self.routes_summary(),
+                "local": sorted(self.engine.local)}
+
+    def _write_state(self) -> None:
+        """data/network.json: what ``show_networks``/``show_services`` print (no secrets)."""
+        now = time.monotonic()
+        if now - self._state_written < 1.0:
+            return
+        self._state_written = now
+        try:
+            write_atomic(self._state_file, json.dumps(
+                {"updated": time.time(), "pid": os.getpid(), **self.status()}).encode(), 0o644)
+        except OSError as exc:  # pragma: no cover
+            log.debug("cannot write %s: %s", self._state_file, exc)
+
+    # -------------------------------------------------------------- forwarding
+
+    def _choose(self, service: str, exclude: set[str], visited: list[str]) -> Link | None:
+        by_peer = {link.peer_id: link for link in self.links.values() if link.up}
+        best_hops = None
+        pool: list[Link] = []
+        for peer, route in self.engine.candidates(service):
+            link = by_peer.get(peer)
+            if link is None or peer in exclude or any(n in visited for n in route.path):
+                continue
+            if best_hops is None:
+                best_hops = route.hops
+            if route.hops != best_hops:
+                break
+            pool.append(link)
+        if not pool:
+            return None
+        top = min(l.peer.priority for l in pool)
+        pool = [l for l in pool if l.peer.priority == top]
+        if len(pool) == 1:
+            return pool[0]
+        a, b = random.sample(pool, 2)        # power of two choices on in-flight load
+        return a if a.inflight <= b.inflight else b
+
+    def _service_for(self, parts: list[str]) -> str | None:
+        for n in range(len(parts), 0, -1):
+            name = "/".join(parts[:n])
+            if self.engine.best.get(name):
+                return name
+        return None
+
+    async def forward(self, session: Session, stream: Stream, writer: "ResponseWriter",
+                      parts: list[str], user) -> None:
+        """Relay a request to the best node offering the service, both bodies streamed."""
+        req = stream.request
+        cfg = self.node.config
+        env = req.envelope or {}
+        visited = env.get("path", [])
+        hops = env.get("hops", cfg.max_hops)
+        if (not isinstance(visited, list) or not all(isinstance(v, str) for v in visited)
+                or len(visited) > 64 or not isinstance(hops, int)):
+            raise BadRequest("malformed forwarding envelope")
+        if self.id in visited:
+            raise LoopDetected("forwarding loop: this node is already on the request's path")
+        if hops <= 0:
+            raise LoopDetected("hop limit reached")
+        service = self._service_for(parts)
+        if service is None:
+            raise NotFound(f"no service {req.path} in this node or its network")
+        envelope = {"id": env.get("id") or secrets.token_bytes(16),
+                    "user": env.get("user") or user.name,
+                    "path": visited + [self.id], "hops": min(hops, cfg.max_hops) - 1}
+        tried: set[str] = set()
+        replayable = req.end and req.method in ("GET", "HEAD", "OPTIONS")
+        while True:
+            link = self._choose(service, tried, visited)
+            if link is None:
+                if tried:
+                    raise Unavailable(f"service /{service}: every route failed "
+                                      f"(last: {self._last_failure})")
+                raise Unavailable(f"service /{service}: no live route")
+            tried.add(link.peer_id)
+            try:
+                await self._relay(link, stream, writer, envelope)
+                return
+            except _RetryableFailure as exc:
+                self._last_failure = f"{link.peer.url}: {exc}"
+                log.warning("forward of %s via %s failed before any answer: %s", req.path,
+                            link.peer.url, exc)
+                if not replayable:
+                    raise Unavailable(f"link to {link.peer.url} failed: {exc}") from None
+
+    _last_failure = ""
+
+    async def _relay(self, link: Link, stream: Stream, writer: "ResponseWriter",
+                     envelope: dict) -> None:
+        req = stream.request
+        session = link.session
+        first = b""
+        if req.end:
+            first = b"".join(stream._chunks)
+        if len(first) > min(session.conn.peer_window, session.conn.max_chunk):
+            first = b""
+            end = False
+        else:
+            end = req.end
+        link.inflight += 1
+        link.forwarded += 1
+        self.node.metrics.incr("forwarded_requests")
+        pump = out = None
+        try:
+            try:
+                out = session.open_stream(req.method, req.path, token=link.peer.token,
+                                          args=req.args, headers=req.headers, body=first,
+                                          end=end, envelope=envelope)
+            except (ConnectionLost, StatusError) as exc:
+                raise _RetryableFailure(str(exc)) from None
+            if not end:
+                pump = asyncio.get_running_loop().create_task(self._pump_body(stream, out))
+            try:
+                status, headers = await out.head
+            except ConnectionLost as exc:
+                raise _RetryableFailure(str(exc)) from None
+            if req.end:
+                stream._chunks.clear()
+            writer.status = status
+            writer.headers = dict(headers)
+            while True:
+                try:
+                    chunk = await out.read_chunk()
+                except StatusError as exc:
+                    raise Unavailable(f"link to {link.peer.url} failed mid-answer: {exc}") \
+                        from None
+                if not chunk:
+                    break
+                await writer.write(chunk)
+        except BaseException:
+            if pump is not None:
+                pump.cancel()
+            raise
+        finally:
+            link.inflight -= 1
+            if out is not None and not out.at_end and session.conn.is_open(out.id):
+                out.reset(Status.CANCELLED, "forwarding ended")
+
+    @staticmethod
+    async def _pump_body(src: Stream, dst: Stream) -> None:
+        try:
+            async for chunk in src:
+                await dst.send_body(chunk)
+            await dst.end()
+        except (StatusError, ConnectionLost) as exc:
+            dst.reset(Status.CANCELLED, f"request body broken: {exc}")
+            src.reset(Status.UNAVAILABLE, f"forward failed: {exc}")
+
+
+class _RetryableFailure(Exception):
+    """The link failed before any response byte came back."""

@@ -1,0 +1,211 @@
+"""Long-lived authenticated links to peer nodes (SPEC.md §9.1).
+
+A :class:`Link` connects to one peer with the node's own key, as the account
+that peer's admin created for us, pinning the peer's key.  Over the link it
+keeps one gossip subscription open (``GET /_node/net/routes``: a streamed
+response of length-prefixed gossip messages), pings it every heartbeat, and
+carries forwarded requests.  When the link breaks its routes are withdrawn and
+it reconnects with exponential backoff and jitter.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from protocol import Connection, Role
+from protocol.crypto import PublicKey
+from protocol.errors import ProtocolError, Status, StatusError
+
+from ..client import parse_url
+from ..storage import Peer
+from ..transport import ConnectionLost, Session
+from .gossip import GossipError, decode_message
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import Network
+
+__all__ = ["Link", "LEN"]
+
+log = logging.getLogger("utesla.link")
+LEN = struct.Struct(">I")
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 30.0
+
+
+class Link:
+    """One upstream peer: connection, gossip subscription, heartbeat, reconnects."""
+
+    def __init__(self, network: "Network", peer: Peer):
+        self.network = network
+        self.peer = peer
+        self.peer_key = PublicKey.from_bytes(peer.public_key)
+        self.peer_id = self.peer_key.fingerprint()
+        self.host, self.port, _ = parse_url(peer.url)
+        self.state = "connecting"
+        self.session: Session | None = None
+        self.rtt: float | None = None
+        self.since: float | None = None
+        self.last_error = ""
+        self.failures = 0
+        self.inflight = 0
+        self.forwarded = 0
+        self._task: asyncio.Task | None = None
+        self._resubscribe = asyncio.Event()
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up" and self.session is not None and self.session.is_open \
+            and not self.session.going_away
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"link {self.peer.url}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.session is not None:
+            self.session.close(Status.OK, "link removed")
+        self.state = "stopped"
+
+    def resubscribe(self) -> None:
+        self._resubscribe.set()
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        engine = self.network.engine
+        while True:
+            try:
+                await self._connect()
+                backoff = BACKOFF_MIN
+                self.failures = 0
+                await self._serve()
+            except asyncio.CancelledError:
+                raise
+            except (StatusError, ProtocolError, OSError, GossipError, asyncio.TimeoutError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                self.failures += 1
+                level = logging.WARNING if self.failures <= 3 or self.failures % 50 == 0 \
+                    else logging.DEBUG
+                log.log(level, "link to %s (%s): %s", self.peer.url, self.peer_id[:20],
+                        self.last_error)
+            finally:
+                if self.state == "up":
+                    log.info("link to %s is down", self.peer.url)
+                engine.link_down(self.peer_id, time.monotonic())
+                self.network.kick()
+                if self.session is not None:
+                    self.session.close(Status.UNAVAILABLE, "link reset")
+                self.state = "backoff"
+                self.since = None
+            delay = backoff * random.uniform(0.5, 1.5)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            await asyncio.sleep(delay)
+
+    async def _connect(self) -> None:
+        node = self.network.node
+        self.state = "connecting"
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=1 << 16),
+                node.config.handshake_timeout)
+        except OSError as exc:
+            raise ConnectionLost(f"cannot connect: {exc.strerror or exc}") from None
+        conn = Connection(Role.CLIENT, identity=node.key, user=self.peer.user,
+                          server_key=self.peer_key, settings=node.settings)
+        session = Session(reader, writer, conn, high_water=node.config.write_high_water,
+                          name=f"link {self.peer.url}")
+        session.start()
+        self.session = session
+        await session.wait_ready(node.config.handshake_timeout)
+
+    async def _serve(self) -> None:
+        """Keep the subscription open and the heartbeat going until the link fails."""
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        try:
+            while True:
+                self._resubscribe.clear()
+                await self._subscription()
+        finally:
+            heartbeat.cancel()
+
+    async def _subscription(self) -> None:
+        node = self.network.node
+        engine = self.network.engine
+        stream = self.session.open_stream("GET", "/_node/net/routes", token=self.peer.token)
+        status, _ = await asyncio.wait_for(stream.head, node.config.handshake_timeout)
+        if status != Status.OK:
+            text = (await stream.read_all(4096)).decode("utf-8", "replace")
+            raise StatusError(f"peer refused the gossip subscription: {status} {text}", status)
+        engine.link_up(self.peer_id, time.monotonic())
+        if self.state != "up":
+            log.info("link to %s is up (%s)", self.peer.url, self.peer_id[:20])
+        self.state = "up"
+        self.since = time.time()
+        buf = bytearray()
+        max_routes = engine.max_routes
+        wait_resub = asyncio.ensure_future(self._resubscribe.wait())
+        try:
+            while True:
+                read = asyncio.ensure_future(stream.read_chunk())
+                done, _ = await asyncio.wait({read, wait_resub},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if read not in done:
+                    read.cancel()
+                    stream.reset(Status.CANCELLED, "resubscribing")
+                    return
+                chunk = read.result()
+                if not chunk:
+                    raise ConnectionLost("peer ended the gossip subscription")
+                buf += chunk
+                while len(buf) >= 4:
+                    (n,) = LEN.unpack_from(buf)
+                    if n > (4 << 20):
+                        raise GossipError("gossip message over 4 MiB")
+                    if len(buf) < 4 + n:
+                        break
+                    data = bytes(buf[4:4 + n])
+                    del buf[:4 + n]
+                    try:
+                        msg = decode_message(data, max_routes)
+                    except GossipError as exc:
+                        self.network.node.metrics.incr("gossip_rejected")
+                        log.warning("dropped a gossip message from %s: %s", self.peer.url, exc)
+                        engine.heard[self.peer_id] = time.monotonic()
+                        engine.resync.add(self.peer_id)
+                        continue
+                    engine.receive(self.peer_id, msg, time.monotonic())
+                    self.network.kick()
+                if self.peer_id in engine.resync:
+                    log.info("gossip digest mismatch with %s: resubscribing", self.peer.url)
+                    stream.reset(Status.CANCELLED, "resubscribing")
+                    await asyncio.sleep(min(1.0, engine.digest_interval))  # rate cap
+                    return
+        finally:
+            wait_resub.cancel()
+
+    async def _heartbeat(self) -> None:
+        interval = self.network.node.config.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.rtt = await self.session.ping(timeout=max(1.0, 2 * interval))
+            except (asyncio.TimeoutError, ConnectionLost, StatusError):
+                log.warning("link to %s: heartbeat lost, closing", self.peer.url)
+                self.session.close(Status.TIMEOUT, "heartbeat timeout")
+                return
+
+    def describe(self) -> dict:
+        return {"url": self.peer.url, "user": self.peer.user, "node": self.peer_id,
+                "priority": self.peer.priority, "state": self.state,
+                "since": self.since, "rtt_ms": round(self.rtt * 1000, 3) if self.rtt else None,
+                "last_error": self.last_error, "inflight": self.inflight,
+                "forwarded": self.forwarded,
+                "routes": len(self.network.engine.learned.get(self.peer_id, {}))}
