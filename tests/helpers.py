@@ -185,3 +185,42 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within %.1f s" % timeout)
         await asyncio.sleep(interval)
+
+
+# --------------------------------------------------------------------------- networks
+
+def link_state(a: "NodeHarness", b_url: str) -> str | None:
+    """The state of ``a``'s link to the peer at ``b_url`` (None when there is no link)."""
+    link = a.node.network.links.get(b_url) if a.node and a.node.network else None
+    return link.state if link is not None else None
+
+
+async def link(a: "NodeHarness", b: "NodeHarness", *, user: str | None = None,
+               url: str | None = None, priority: int = 0, service: str | None = None,
+               wait: bool = True, timeout: float = 10.0, **user_fields) -> str:
+    """Make ``a`` a subscriber of ``b``, as ``utesla-cli add_network`` would.
+
+    Registers on ``b`` a user for ``a``'s node key (``token_limit`` 0 unless given), issues
+    it a token, and adds a peer row on ``a`` pointing to ``b`` (or to ``url``, e.g. a
+    proxy).  With ``wait`` it returns once the link is up and, if ``service`` is given,
+    once ``a`` routes it.  Returns the token ``b`` issued.
+    """
+    from utesla_node.storage import Peer
+    user = user or "node-" + "".join(ch for ch in a.key.public.fingerprint()[7:]
+                                       if ch.isalnum())[:16]
+    await b.add_user(user, key=a.key, **user_fields)
+    token = b.tokens[user]
+    url = url or b.url
+    await a.node.storage.add_peer(Peer(url=url, public_key=b.key.public.to_pem(), user=user,
+                                       token=token, priority=priority, created_at=time.time()),
+                                  overwrite=True)
+    if wait:
+        await wait_for(lambda: link_state(a, url) == "up", timeout)
+        if service is not None:
+            await wait_for(lambda: routes(a, service), timeout)
+    return token
+
+
+def routes(a: "NodeHarness", service: str) -> list:
+    """``a``'s candidate routes for ``service`` (``[(next hop id, Route), ...]``)."""
+    return a.node.network.engine.candidates(service.strip("/"))

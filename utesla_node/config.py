@@ -33,6 +33,8 @@ class NodeConfig:
     keys: Path = Path("keys")
     #: Folder for the SQLite database and other state.
     data: Path = Path("data")
+    #: Folder served by the example file-share service (complements/files.py).
+    share: Path = Path("share")
     #: Database URL: empty = SQLite in ``data``; ``mysql://user:pass@host:port/db``.
     database_url: str = ""
     #: Connection pool size for MariaDB.
@@ -95,6 +97,10 @@ class NodeConfig:
     def data_dir(self) -> Path:
         return self.path(self.data)
 
+    @property
+    def share_dir(self) -> Path:
+        return self.path(self.share)
+
 
 def _bounded_int(lo: int, hi: int):
     def parse(text: str) -> int:
@@ -154,6 +160,7 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "services"): ("services", _path),
     ("server", "keys"): ("keys", _path),
     ("server", "data"): ("data", _path),
+    ("server", "share"): ("share", _path),
     ("server", "max_connections"): ("max_connections", _bounded_int(1, 1_000_000)),
     ("server", "max_connections_per_ip"): ("max_connections_per_ip", _bounded_int(1, 1_000_000)),
     ("server", "handshake_timeout"): ("handshake_timeout", _positive_float),

@@ -28,8 +28,11 @@ __all__ = ["Handler", "ServiceRegistry", "Service", "split_path", "SEGMENT_RE", 
 
 log = logging.getLogger("utesla.services")
 
-#: One path segment: ASCII letters, digits, '_' and '-', starting with a letter or digit.
-SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+#: One path segment: ASCII letters, digits, '_', '-' and '.', starting with a letter or
+#: digit, without '..'.  Service modules never have a '.' in their names (it would be
+#: an import separator), so dotted segments only ever reach handlers as ``subpath``.
+SEGMENT_RE = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+MODULE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 MAX_SEGMENTS = 8
 #: Request methods a handler may implement; anything else is 405, never getattr'd.
 METHODS = frozenset({"get", "post", "put", "delete", "patch", "head", "options"})
@@ -45,7 +48,8 @@ def split_path(path: str) -> list[str]:
         raise BadRequest(f"path deeper than {MAX_SEGMENTS} segments")
     for p in parts:
         if not SEGMENT_RE.match(p):
-            raise BadRequest("invalid path segment (allowed: ASCII letters, digits, '_', '-')")
+            raise BadRequest("invalid path segment (allowed: ASCII letters, digits, '_', '-', "
+                             "'.' inside a name)")
     if not parts:
         raise NotFound("no service named")
     return parts
@@ -151,7 +155,7 @@ class ServiceRegistry:
             parts = list(rel.with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            if not parts or len(parts) > MAX_SEGMENTS or not all(SEGMENT_RE.match(p) for p in parts):
+            if not parts or len(parts) > MAX_SEGMENTS or not all(MODULE_RE.match(p) for p in parts):
                 continue  # private helpers (_x.py), odd names: not services
             if file.is_symlink() and not file.resolve().is_relative_to(root):
                 log.warning("skipping %s: symlink out of the services folder", rel)

@@ -9,6 +9,7 @@ stderr), 2 usage.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -22,7 +23,8 @@ from .. import __version__
 from ..auth import hash_password, validate_scopes
 from ..keys import load_private_key, load_public_key, write_key_pair
 from ..storage import NoSuchEntry, User, open_storage
-from .common import alias, config_option, fail, load_cfg, read_password, run_async, user_errors
+from .common import (Progress, alias, config_option, fail, load_cfg, read_password, run_async,
+                     user_errors)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -344,20 +346,27 @@ def call(url, method, data, upload, output, arguments, user, private_key, server
 
     async def go():
         async with _client(url, user, private_key, server_key, token, timeout) as c:
-            body = b""
-            fh = None
+            body, fh, up = b"", None, None
             if upload:
                 fh = open(upload, "rb")
-                body = fh
+                up = Progress("upload", os.fstat(fh.fileno()).st_size)
+                body = _counted(fh, up)
             elif data is not None:
                 body = Path(data[1:]).read_bytes() if data.startswith("@") else data.encode()
             try:
                 async with c.stream(method, path, args=args or None, body=body) as resp:
+                    if up:
+                        up.close()
+                    size = resp.headers.get("size")
+                    down = Progress("download", size if isinstance(size, int) else None,
+                                    enabled=None if output else False)
                     out = open(output, "wb") if output else sys.stdout.buffer
                     try:
                         async for chunk in resp:
                             out.write(chunk)
+                            down.update(len(chunk))
                     finally:
+                        down.close()
                         if output:
                             out.close()
                         else:
@@ -369,8 +378,16 @@ def call(url, method, data, upload, output, arguments, user, private_key, server
     run_async(go())
 
 
-def _main_entry():  # pragma: no cover
-    main()
+async def _counted(fh, progress):
+    """Read a file in chunks off the event loop, reporting progress."""
+    import asyncio
+    loop = asyncio.get_running_loop()
+    while True:
+        chunk = await loop.run_in_executor(None, fh.read, 256 * 1024)
+        if not chunk:
+            return
+        progress.update(len(chunk))
+        yield chunk
 
 
 # --------------------------------------------------------------------------- networks

@@ -91,3 +91,52 @@ def alias(group: click.Group, cmd: click.Command, name: str) -> None:
     twin.hidden = True
     twin.name = name
     group.add_command(twin, name)
+
+
+class Progress:
+    """A one-line progress report on stderr (bytes, rate, time left); silent when piped."""
+
+    def __init__(self, label: str, total: int | None = None, stream=None, enabled=None):
+        import time as _time
+        self._time = _time
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.start = _time.monotonic()
+        self._last = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = self._time.monotonic()
+        if self.enabled and now - self._last >= 0.2:
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self.start, 1e-6)
+        rate = self.done / elapsed
+        line = f"\r{self.label}: {_size(self.done)}"
+        if self.total:
+            pct = 100 * self.done / self.total
+            left = (self.total - self.done) / rate if rate > 0 else 0
+            line += f" / {_size(self.total)} ({pct:5.1f}%)  {_size(rate)}/s  {left:5.0f} s left"
+        else:
+            line += f"  {_size(rate)}/s  {elapsed:5.0f} s"
+        self.stream.write(line.ljust(78)[:120])
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(self._time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
