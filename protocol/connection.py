@@ -82,7 +82,8 @@ class Settings:
 
 
 class _Stream:
-    __slots__ = ("id", "send_credit", "recv_credit", "unacked", "local_open", "remote_open")
+    __slots__ = ("id", "send_credit", "recv_credit", "unacked", "local_open", "remote_open",
+                 "head")
 
     def __init__(self, stream_id: int, send_credit: int, recv_credit: int):
         self.id = stream_id
@@ -91,6 +92,9 @@ class _Stream:
         self.unacked = 0
         self.local_open = True
         self.remote_open = True
+        # The RESPONSE of this stream went out (peer's stream) or came in (ours): a
+        # response body (DATA) may only follow it, and there is exactly one (§7.2).
+        self.head = False
 
 
 _ARRAY16 = struct.Struct(">BH")
@@ -420,6 +424,7 @@ class Connection:
         self._opener = Opener(c_ap, self.settings.aead_backend, self.settings.rekey_after)
         self._state = _State.ESTABLISHED
         self._sig_input = self._client_sig = b""
+        self._forget_secrets()
         events: list[Event] = [HandshakeCompleted(key, self.peer_user)]
         events.extend(self._drain())
         return events
@@ -431,7 +436,13 @@ class Connection:
         self._ap_keys = None
         self._hs_sealer = None
         self._state = _State.ESTABLISHED
+        self._forget_secrets()
         events.append(HandshakeCompleted(self.peer_key, None))
+
+    def _forget_secrets(self) -> None:
+        """Forward secrecy in memory too: the ephemeral key and shared secret go."""
+        self._ephemeral = None
+        self._shared = None
 
     # ------------------------------------------------------------------ records (§5, §6)
 
@@ -501,6 +512,9 @@ class Connection:
             raise FlowControlError("response on a stream the peer opened")
         if s is None:
             return
+        if s.head:
+            raise FlowControlError(f"second response on stream {msg.stream_id}")
+        s.head = True
         if msg.end:
             self._finish_remote(s)
         events.append(ResponseReceived(msg.stream_id, msg.status, msg.headers, msg.body,
@@ -510,6 +524,8 @@ class Connection:
         s = self._stream_for_body(msg.stream_id, len(msg.body))
         if s is None:
             return
+        if not s.head and not self._peer_parity(msg.stream_id):
+            raise FlowControlError(f"response body before the response on stream {s.id}")
         if msg.end:
             self._finish_remote(s)
         events.append(DataReceived(msg.stream_id, msg.body, msg.end))
@@ -541,6 +557,7 @@ class Connection:
         self._close_received = True
         self._state = _State.CLOSED
         self._streams.clear()
+        self._out.clear()          # nothing is sent after the peer's CLOSE (§7.7)
         events.append(ConnectionClosed(msg.status, msg.reason))
 
     _HANDLERS = {
@@ -610,11 +627,17 @@ class Connection:
         self._check_sendable()
         if not self._peer_parity(stream_id):
             raise LocalProtocolError("responses go on streams the peer opened")
-        self._consume_send(stream_id, len(body), end)
+        st = self._streams.get(stream_id)
+        if st is not None and st.head:
+            raise LocalProtocolError(f"stream {stream_id} already has its response")
+        self._consume_send(stream_id, len(body), end).head = True
         self._queue(m.Response(stream_id, int(status), headers or {}, bytes(body), end))
 
     def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
         self._check_sendable()
+        st = self._streams.get(stream_id)
+        if st is not None and not st.head and self._peer_parity(stream_id):
+            raise LocalProtocolError(f"stream {stream_id}: DATA before the response")
         self._consume_send(stream_id, len(data), end)
         self._queue(m.Data(stream_id, bytes(data), end))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac as _hmac
 import struct
 
 from Crypto.Cipher import ChaCha20_Poly1305 as _PyChaCha
@@ -62,7 +63,26 @@ def sha256(data: bytes) -> bytes:
 
 
 def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """HKDF-SHA256 (RFC 5869), extract then expand."""
+    """HKDF-SHA256 (RFC 5869), extract then expand.
+
+    Written on the standard library's HMAC (OpenSSL): ~15 µs a call where
+    pycryptodome's ``HKDF`` takes ~180 µs, and a handshake makes two calls per
+    side.  :func:`hkdf_reference` is pycryptodome's, and the tests check that
+    both agree (and the Wycheproof HKDF vectors).
+    """
+    if length > 255 * 32:
+        raise ValueError("HKDF-SHA256 output is at most 8160 bytes")
+    prk = _hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = _hmac.new(prk, block + info + bytes((counter,)), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def hkdf_reference(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """pycryptodome's HKDF-SHA256, the reference :func:`hkdf` is tested against."""
     return HKDF(ikm, length, salt, SHA256, 1, info)
 
 

@@ -298,7 +298,7 @@ def decode(obj: Any) -> Message:
     if type(obj) is not dict:
         raise DecodeError("a message must be a map")
     t = obj.get("t")
-    if t == T_DATA or t == T_RESPONSE:
+    if type(t) is int and (t == T_DATA or t == T_RESPONSE):
         msg = _fast(obj, t)
         if msg is not None:
             return msg

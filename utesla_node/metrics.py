@@ -48,8 +48,11 @@ class Metrics:
     def snapshot(self) -> dict:
         return dict(self.counters)
 
-    def prometheus(self) -> str:
+    def prometheus(self, gauges: dict | None = None) -> str:
         out = []
+        for name, value in sorted((gauges or {}).items()):
+            out.append(f"# TYPE utesla_{name} gauge")
+            out.append(f"utesla_{name} {value}")
         for name, value in sorted(self.counters.items()):
             out.append(f"# TYPE utesla_{name} counter")
             out.append(f"utesla_{name} {value}")

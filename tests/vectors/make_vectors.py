@@ -452,8 +452,7 @@ INVALID_CASES = [
     ("string_length_beyond_input", b"\x91\x81\xa1t\xdb\xff\xff\xff\xff", None),
     ("header_bytes_key", batch(mp({"t": 1, "i": 1, "m": "GET", "p": "/", "h": {b"x": 1}})),
      None),
-    ("type_as_float", batch(mp({"t": 3.0, "i": 1, "b": b"x"})),
-     "the DATA/RESPONSE fast path compares t with == so 3.0 passes for 3"),
+    ("type_as_float", batch(mp({"t": 3.0, "i": 1, "b": b"x"})), None),
 ]
 INVALID_CASES = [(n, bytes(b), bug) for n, b, bug in INVALID_CASES]
 

@@ -1,0 +1,78 @@
+"""Prometheus metrics and a health check over plain HTTP (``[metrics] listen = host:port``).
+
+A few lines of asyncio, no web framework: ``GET /metrics`` answers the text
+exposition format, ``GET /healthz`` answers 200 only when the database answers
+and the node's listener is open (503 otherwise).  One request per connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import Node
+
+__all__ = ["MetricsServer"]
+
+log = logging.getLogger("utesla.metrics")
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable",
+            400: "Bad Request"}
+
+
+class MetricsServer:
+    def __init__(self, node: "Node", listen: str):
+        self.node = node
+        host, _, port = listen.rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _health(self) -> tuple[int, str]:
+        node = self.node
+        if node.stopping or node._server is None or not node._server.is_serving():
+            return 503, "listener down\n"
+        try:
+            await asyncio.wait_for(node.storage.ping(), 2.0)
+        except Exception as exc:  # any failure means unhealthy
+            return 503, f"database unavailable: {type(exc).__name__}\n"
+        return 200, "ok\n"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5.0)
+            while True:  # skip headers
+                h = await asyncio.wait_for(reader.readline(), 5.0)
+                if h in (b"\r\n", b"\n", b""):
+                    break
+            parts = line.decode("latin-1").split()
+            if len(parts) < 2:
+                status, body, ctype = 400, "bad request\n", "text/plain"
+            elif parts[0] != "GET":
+                status, body, ctype = 405, "only GET\n", "text/plain"
+            elif parts[1].split("?")[0] == "/metrics":
+                status, ctype = 200, "text/plain; version=0.0.4; charset=utf-8"
+                body = self.node.metrics.prometheus(self.node.gauges())
+            elif parts[1].split("?")[0] == "/healthz":
+                status, body = await self._health()
+                ctype = "text/plain"
+            else:
+                status, body, ctype = 404, "not found\n", "text/plain"
+            data = body.encode()
+            writer.write(f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+                         + data)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
