@@ -192,8 +192,10 @@ class Dispatcher:
         ttl = req.envelope.get("ttl") if req.envelope else None
         if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
             timeout = max(0.001, min(timeout, ttl))   # the entry node's deadline, carried
-        deadline = None if req.path in LONG_LIVED else session.loop.call_later(timeout,
-                                                                              on_deadline)
+        deadline = None
+        if req.path not in LONG_LIVED:
+            deadline = session.loop.call_later(timeout, on_deadline)
+            stream.deadline = time.monotonic() + timeout
         node.inflight += 1
         error_id = None
         try:

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from protocol.errors import (BadRequest, Forbidden, MethodNotAllowed, NotFound, 
 from . import __version__, auth
 from .config import NodeConfig
 from .dispatch import BUILTIN_PREFIX, Dispatcher, ResponseWriter
-from .keys import ensure_node_keys
+from .keys import ensure_node_keys, write_atomic
 from .metrics import Metrics
 from .services import ServiceRegistry
 from .storage import StorageError, StorageUnavailable, TokenLimitReached, open_storage, redact_url
@@ -56,6 +57,8 @@ class Node:
         self.started_at = time.time()
         self.address: tuple[str, int] | None = None
         self._stopped = asyncio.Event()
+        self._status_task: asyncio.Task | None = None
+        self.metrics_server = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -84,6 +87,34 @@ class Node:
         from .network import Network
         self.network = Network(self)
         await self.network.start()
+        if cfg.metrics_listen:
+            from .metrics_http import MetricsServer
+            self.metrics_server = MetricsServer(self, cfg.metrics_listen)
+            await self.metrics_server.start()
+        self._status_task = loop.create_task(self._write_status_loop(), name="status file")
+
+    def gauges(self) -> dict:
+        """Current values for the metrics endpoint."""
+        net = self.network
+        return {"connections": len(self.sessions), "requests_in_flight": self.inflight,
+                "links_up": sum(1 for l in net.links.values() if l.up) if net else 0,
+                "links": len(net.links) if net else 0,
+                "routes": sum(len(c) for c in net.engine.best.values()) if net else 0,
+                "uptime_seconds": round(time.time() - self.started_at, 3)}
+
+    async def _write_status_loop(self) -> None:
+        """``data/status.json`` every second: what ``utesla-cli status`` and
+        ``show_networks``/``show_services`` print on this machine (no secrets)."""
+        path = self.config.data_dir / "status.json"
+        while True:
+            try:
+                data = json.dumps({"updated": time.time(), "pid": os.getpid(),
+                                   **self.builtins.node_status()})
+                await asyncio.get_running_loop().run_in_executor(
+                    None, write_atomic, path, data.encode(), 0o644)
+            except OSError as exc:  # pragma: no cover
+                log.debug("cannot write %s: %s", path, exc)
+            await asyncio.sleep(1.0)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -111,6 +142,10 @@ class Node:
                  len(self.sessions), self.inflight)
         if self._server is not None:
             self._server.close()
+        if self._status_task is not None:
+            self._status_task.cancel()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         if self.network is not None:
             await self.network.stop()
         for s in list(self.sessions):
@@ -130,6 +165,10 @@ class Node:
                 pass
         if self.storage is not None:
             await self.storage.close()
+        try:
+            (self.config.data_dir / "status.json").unlink()
+        except OSError:
+            pass
         self._stopped.set()
         log.info("stopped")
 
@@ -337,4 +376,4 @@ class Builtins:
         }
 
     async def metrics(self, session, stream, writer, user) -> None:
-        await writer.write(self.node.metrics.prometheus().encode())
+        await writer.write(self.node.metrics.prometheus(self.node.gauges()).encode())

@@ -58,7 +58,8 @@ class Stream:
     """
 
     __slots__ = ("session", "id", "incoming", "_chunks", "_waiter", "_ended", "_error",
-                 "_credit", "head", "request", "_sent_end", "buffered", "__weakref__")
+                 "_credit", "head", "request", "_sent_end", "buffered", "deadline",
+                 "__weakref__")
 
     def __init__(self, session: "Session", stream_id: int, incoming: bool):
         self.session = session
@@ -73,6 +74,7 @@ class Stream:
         self.request: RequestReceived | None = None
         self._sent_end = False
         self.buffered = 0
+        self.deadline: float | None = None   # monotonic time the request must end by
 
     # -------------------------------------------------------------- receiving side
 

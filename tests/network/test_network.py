@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import secrets
 
@@ -193,7 +194,7 @@ async def test_far_node_applies_the_rights_of_the_account_it_gave_us(net):
     assert (await c.get("/open")).text == fp(b)
     reply = await c.get("/whoami", check=False)
     assert reply.status == Status.FORBIDDEN               # relayed from b, not invented by a
-    assert "guest" in reply.text
+    assert "whoami" in reply.text
     with pytest.raises(Forbidden):
         await c.get("/whoami")
 
@@ -248,14 +249,32 @@ async def test_a_request_that_comes_back_to_a_node_is_refused_508(net):
     assert sum(v for (svc, _), v in c.node.metrics.requests.items() if svc == "far") == 1
 
 
-async def test_an_ordinary_user_cannot_send_an_envelope(net):
-    b = await net.node("b", {"local": WHOAMI})
-    c = b.client()
-    session = await c.connect()
-    status, body = await _send(session, "/local", b.tokens["alice"],
-                               {"id": secrets.token_bytes(16), "user": "root",
-                                "path": ["x"], "hops": 3})
-    assert status == Status.BAD_REQUEST, body
+async def test_a_users_envelope_can_only_restrict_its_own_request(net):
+    """SPEC §6.7: an envelope is accepted from anyone, and never widens anyone's rights."""
+    a = await net.node("a")
+    b = await net.node("b", {"inspect": INSPECT})
+    await net.link(a, b, user="node-a", service="inspect")
+    session = await a.client().connect()
+    token = a.tokens["alice"]
+
+    def env(**kw):
+        return {"id": secrets.token_bytes(16), "user": "root", "path": [], "hops": 3, **kw}
+
+    # Claiming to be someone else changes nothing: the far node acts as the account it gave a.
+    status, body = await _send(session, "/inspect", token, env())
+    assert status == Status.OK, body
+    assert json.loads(body)["user"] == "node-a"
+    # Fewer hops, or the entry node itself on the path: refused, nothing forwarded.
+    forwarded = a.node.metrics.counters["forwarded_requests"]
+    assert (await _send(session, "/inspect", token, env(hops=0)))[0] == Status.LOOP_DETECTED
+    assert (await _send(session, "/inspect", token, env(path=[fp(a)])))[0] == \
+        Status.LOOP_DETECTED
+    # A route through an excluded node is not taken: no other route, 503.
+    assert (await _send(session, "/inspect", token, env(path=[fp(b)])))[0] == Status.UNAVAILABLE
+    assert a.node.metrics.counters["forwarded_requests"] == forwarded
+    # A malformed envelope is a bad request.
+    for bad in (env(path="x"), env(path=[1, 2]), env(hops="many"), env(path=["n"] * 65)):
+        assert (await _send(session, "/inspect", token, bad))[0] == Status.BAD_REQUEST
 
 
 async def test_unknown_service_is_404_from_the_entry_node(net):

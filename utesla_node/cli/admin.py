@@ -392,12 +392,20 @@ async def _counted(fh, progress):
 
 # --------------------------------------------------------------------------- networks
 
-def _read_state(cfg) -> dict:
+def _read_status(cfg) -> dict:
+    """The running node's ``data/status.json`` ({} when the node is not running)."""
     import json
     try:
-        return json.loads((cfg.data_dir / "network.json").read_text())
+        state = json.loads((cfg.data_dir / "status.json").read_text())
     except (FileNotFoundError, ValueError):
         return {}
+    if not isinstance(state, dict) or time.time() - state.get("updated", 0) > 5:
+        return {}          # written by a node that is no longer running
+    return state
+
+
+def _read_state(cfg) -> dict:
+    return _read_status(cfg).get("network", {})
 
 
 @main.command("add_network", context_settings=CONTEXT)
@@ -558,3 +566,99 @@ def show_services(as_json, config_path):
 
 
 alias(main, show_services, "show-services")
+
+
+# --------------------------------------------------------------------------- status and graph
+
+def _remote_status(url, user, private_key, server_key, token) -> dict:
+    if not (user and private_key and server_key):
+        fail("querying a node by URL needs -u, -I and -s (and -t TOKEN)")
+
+    async def go():
+        async with _client(url, user, private_key, server_key, token, 15.0) as c:
+            return (await c.get("/_node/status")).json()
+
+    return run_async(go())
+
+
+def _status_for(url, user, private_key, server_key, token, config_path) -> dict:
+    if url:
+        return _remote_status(url, user, private_key, server_key, token)
+    state = _read_status(load_cfg(config_path))
+    if not state:
+        fail("no running node found here (no fresh data/status.json); give its URL")
+    return state
+
+
+_remote_options = [
+    click.option("-u", "--user", default=None, help="User to query a remote node as."),
+    click.option("-I", "--private-key", "private_key", default=None,
+                 type=click.Path(dir_okay=False)),
+    click.option("-s", "--server-key", "server_key", default=None,
+                 type=click.Path(dir_okay=False)),
+    click.option("-t", "--token", default=None, help="Access token at that node."),
+]
+
+
+def _with_remote(fn):
+    for opt in reversed(_remote_options):
+        fn = opt(fn)
+    return fn
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("url", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_with_remote
+@config_option
+@user_errors
+def status(url, as_json, user, private_key, server_key, token, config_path):
+    """A node's identity, uptime, traffic, links and routes (this machine's node by default)."""
+    import json
+    st = _status_for(url, user, private_key, server_key, token, config_path)
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    c = st.get("counters", {})
+    net = st.get("network", {})
+    click.echo(f"node        {st.get('fingerprint')}")
+    addr = st.get("address") or ["?", "?"]
+    click.echo(f"listening   utesla://{addr[0]}:{addr[1]}   version {st.get('version')}")
+    click.echo(f"uptime      {st.get('uptime', 0):.0f} s")
+    click.echo(f"connections {st.get('connections')}   in flight {st.get('inflight')}")
+    click.echo(f"requests    {c.get('requests_total', 0)} served, {c.get('requests_failed', 0)} "
+               f"failed, {c.get('forwarded_requests', 0)} forwarded")
+    click.echo(f"handshakes  {c.get('handshakes_ok', 0)} ok, {c.get('handshakes_failed', 0)} "
+               f"failed; auth failures {c.get('auth_failures', 0)}")
+    links = net.get("links", [])
+    click.echo(f"links       {len(links)}")
+    for l in links:
+        rtt = f"{l['rtt_ms']:.2f} ms" if l.get("rtt_ms") is not None else "-"
+        click.echo(f"  {l['url']:<28} {l['state']:<10} rtt {rtt:<10} routes {l.get('routes', 0)}")
+    routes = net.get("routes", [])
+    click.echo(f"services    {len(st.get('services', []))} local, {len(routes)} remote")
+    for r in routes:
+        click.echo(f"  {r['path']:<28} hops {r['hops']}  via {r['next_hop']}  "
+                   f"replicas {r['replicas']}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("url", required=False)
+@click.option("--format", "fmt", type=click.Choice(["dot", "mermaid", "json", "html", "svg"]),
+              default="dot", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write to this file instead of standard output.")
+@_with_remote
+@config_option
+@user_errors
+def graph(url, fmt, output, user, private_key, server_key, token, config_path):
+    """The network as a node sees it: Graphviz DOT, Mermaid, JSON or an HTML/SVG page."""
+    from ..graph import render
+    st = _status_for(url, user, private_key, server_key, token, config_path)
+    g = st.get("network", {}).get("graph") or {"nodes": [], "edges": []}
+    text = render(g, fmt)
+    if output:
+        Path(output).write_text(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)

@@ -10,9 +10,7 @@ downstream nodes, and forwards requests for services this node lacks
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import random
 import secrets
 import time
@@ -21,7 +19,6 @@ from typing import TYPE_CHECKING
 from protocol.errors import (BadRequest, GatewayTimeout, LoopDetected, NotFound, Status,
                              StatusError, Unavailable, error_for_status)
 
-from ..keys import write_atomic
 from ..storage import StorageError
 from ..transport import ConnectionLost, Session, Stream
 from .gossip import GossipEngine, Route, encode_message
@@ -53,8 +50,6 @@ class Network:
         self.subscribers: dict[str, asyncio.Queue] = {}
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._state_file = cfg.data_dir / "network.json"
-        self._state_written = 0.0
 
     # -------------------------------------------------------------- lifecycle
 
@@ -135,7 +130,6 @@ class Network:
                 for link in self.links.values():
                     if link.peer_id == peer and link.up:
                         link.resubscribe()
-            self._write_state()
             deadline = engine.next_deadline()
             timeout = 1.0 if deadline is None else max(0.005, min(1.0, deadline - time.monotonic()))
             self._kick.clear()
@@ -204,19 +198,35 @@ class Network:
     def status(self) -> dict:
         return {"node": self.id, "links": [l.describe() for l in self.links.values()],
                 "subscribers": len(self.subscribers), "routes": self.routes_summary(),
-                "local": sorted(self.engine.local)}
+                "local": sorted(self.engine.local), "graph": self.graph()}
 
-    def _write_state(self) -> None:
-        """data/network.json: what ``show_networks``/``show_services`` print (no secrets)."""
-        now = time.monotonic()
-        if now - self._state_written < 1.0:
-            return
-        self._state_written = now
-        try:
-            write_atomic(self._state_file, json.dumps(
-                {"updated": time.time(), "pid": os.getpid(), **self.status()}).encode(), 0o644)
-        except OSError as exc:  # pragma: no cover
-            log.debug("cannot write %s: %s", self._state_file, exc)
+    def graph(self) -> dict:
+        """The network as this node sees it: nodes (with hop distance and services) and
+        the directed links gossip flows over (A -> B: A subscribes to B)."""
+        nodes: dict[str, dict] = {self.id: {"id": self.id, "hops": 0, "self": True,
+                                            "services": sorted(self.engine.local)}}
+        edges: set[tuple[str, str]] = set()
+        urls = {link.peer_id: link.peer.url for link in self.links.values()}
+        for link in self.links.values():
+            nodes.setdefault(link.peer_id, {"id": link.peer_id, "hops": 1, "services": []})
+            edges.add((self.id, link.peer_id))
+        for svc, cands in self.engine.best.items():
+            for _peer, r in cands:
+                prev = self.id
+                for i, n in enumerate(r.path):
+                    entry = nodes.setdefault(n, {"id": n, "hops": i + 1, "services": []})
+                    entry["hops"] = min(entry["hops"], i + 1)
+                    edges.add((prev, n))
+                    prev = n
+                origin = nodes[r.origin]
+                if svc not in origin["services"]:
+                    origin["services"].append(svc)
+        for n in nodes.values():
+            n["services"].sort()
+            if n["id"] in urls:
+                n["url"] = urls[n["id"]]
+        return {"nodes": sorted(nodes.values(), key=lambda n: (n["hops"], n["id"])),
+                "edges": [{"from": a, "to": b} for a, b in sorted(edges)]}
 
     # -------------------------------------------------------------- forwarding
 
@@ -270,6 +280,10 @@ class Network:
         envelope = {"id": env.get("id") or secrets.token_bytes(16),
                     "user": env.get("user") or user.name,
                     "path": visited + [self.id], "hops": min(hops, cfg.max_hops) - 1}
+        if stream.deadline is not None:
+            # The next hop gives up a little before we do, so its 408 reaches the client.
+            left = stream.deadline - time.monotonic()
+            envelope["ttl"] = max(0.001, left - min(0.25, left * 0.05))
         tried: set[str] = set()
         replayable = req.end and req.method in ("GET", "HEAD", "OPTIONS")
         while True:
