@@ -142,6 +142,7 @@ class Connection:
         self._out: list[bytes] = []           # encoded application messages not yet sealed
         self._wire: list[bytes] = []          # bytes ready for the transport
         self._streams: dict[int, _Stream] = {}
+        self._peer_open = 0                   # streams the peer opened that are still open
         self._next_id = 1 if role is Role.CLIENT else 2
         self._last_peer_id = 0
         self._peer_window = MIN_WINDOW
@@ -250,7 +251,7 @@ class Connection:
             exc = FrameError("connection closed in the middle of a record or handshake",
                              code=Status.BAD_REQUEST)
         self._state = _State.CLOSED
-        self._streams.clear()
+        self._clear_streams()
         raise exc
 
     def _drain(self) -> list[Event]:
@@ -413,7 +414,7 @@ class Connection:
                 _array_header(1) + m.encode(m.Close(Status.UNAUTHORIZED,
                                                     "authentication failed"))))
             self._state = _State.CLOSED
-            self._streams.clear()
+            self._clear_streams()
             raise AuthenticationFailed("authentication failed")
         self.peer_key = key
         self.peer_user = self._claimed_user
@@ -479,14 +480,22 @@ class Connection:
         s.recv_credit -= size
         return s
 
-    def _peer_streams(self) -> int:
-        parity = 0 if self.role is Role.CLIENT else 1
-        return sum(1 for sid in self._streams if sid % 2 == parity)
+    def _drop(self, stream_id: int) -> bool:
+        """Forget a stream; True if it was open."""
+        if self._streams.pop(stream_id, None) is None:
+            return False
+        if self._peer_parity(stream_id):
+            self._peer_open -= 1
+        return True
+
+    def _clear_streams(self) -> None:
+        self._streams.clear()
+        self._peer_open = 0
 
     def _finish_remote(self, s: _Stream) -> None:
         s.remote_open = False
         if not s.local_open:
-            del self._streams[s.id]
+            self._drop(s.id)
 
     def _on_request(self, msg: m.Request, events: list[Event]) -> None:
         sid = msg.stream_id
@@ -495,7 +504,7 @@ class Connection:
         self._last_peer_id = sid
         if len(msg.body) > self.settings.window:
             raise FlowControlError("request body larger than the initial window")
-        if self._goaway_sent or self._peer_streams() >= self.settings.max_streams:
+        if self._goaway_sent or self._peer_open >= self.settings.max_streams:
             self._queue(m.Reset(sid, Status.UNAVAILABLE,
                                 "going away" if self._goaway_sent else "too many streams"))
             return
@@ -503,6 +512,7 @@ class Connection:
         if msg.end:
             s.remote_open = False
         self._streams[sid] = s
+        self._peer_open += 1
         events.append(RequestReceived(sid, msg.method, msg.path, msg.token, msg.args,
                                       msg.headers, msg.body, msg.end, msg.envelope))
 
@@ -540,7 +550,7 @@ class Connection:
         events.append(WindowUpdated(msg.stream_id, msg.credit))
 
     def _on_reset(self, msg: m.Reset, events: list[Event]) -> None:
-        if self._streams.pop(msg.stream_id, None) is not None:
+        if self._drop(msg.stream_id):
             events.append(StreamReset(msg.stream_id, msg.status, msg.reason))
 
     def _on_ping(self, msg: m.Ping, events: list[Event]) -> None:
@@ -556,7 +566,7 @@ class Connection:
     def _on_close(self, msg: m.Close, events: list[Event]) -> None:
         self._close_received = True
         self._state = _State.CLOSED
-        self._streams.clear()
+        self._clear_streams()
         self._out.clear()          # nothing is sent after the peer's CLOSE (§7.7)
         events.append(ConnectionClosed(msg.status, msg.reason))
 
@@ -619,7 +629,7 @@ class Connection:
         if end:
             s.local_open = False
             if not s.remote_open:
-                del self._streams[stream_id]
+                self._drop(stream_id)
         return s
 
     def send_response(self, stream_id: int, status: int, *, headers: dict | None = None,
@@ -659,7 +669,7 @@ class Connection:
     def reset_stream(self, stream_id: int, status: int = Status.CANCELLED,
                      reason: str = "") -> None:
         """Abort a stream both ways; late bytes from the peer for it are dropped."""
-        if self._streams.pop(stream_id, None) is not None and self.can_send:
+        if self._drop(stream_id) and self.can_send:
             self._queue(m.Reset(stream_id, int(status), reason[:m.MAX_REASON]))
 
     def send_ping(self, opaque: bytes = b"") -> None:
@@ -687,7 +697,7 @@ class Connection:
             self._wire.append(self._hs_sealer.seal(_array_header(1) + m.encode(msg)))
         self._flush()
         self._state = _State.CLOSED
-        self._streams.clear()
+        self._clear_streams()
 
     def _fail(self, exc: ProtocolError) -> None:
         """Close after an error, telling the peer when we still can, then re-raise."""
@@ -700,7 +710,7 @@ class Connection:
                 pass
         self._out.clear()
         self._state = _State.CLOSED
-        self._streams.clear()
+        self._clear_streams()
         raise exc
 
     def _flush(self) -> None:

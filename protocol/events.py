@@ -16,14 +16,14 @@ class Event:
     __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthenticationRequested(Event):
     """Server side: the client claims ``user``; answer with ``Connection.complete_auth``."""
 
     user: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HandshakeCompleted(Event):
     """Keys are established; ``peer_user`` is the authenticated user (None on the client)."""
 
@@ -31,7 +31,7 @@ class HandshakeCompleted(Event):
     peer_user: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestReceived(Event):
     stream_id: int
     method: str
@@ -44,7 +44,7 @@ class RequestReceived(Event):
     envelope: dict | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseReceived(Event):
     stream_id: int
     status: int
@@ -53,20 +53,20 @@ class ResponseReceived(Event):
     end: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataReceived(Event):
     stream_id: int
     data: bytes
     end: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WindowUpdated(Event):
     stream_id: int
     credit: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamReset(Event):
     """The peer aborted ``stream_id`` (or we could not accept it: see ``local``)."""
 
@@ -76,18 +76,18 @@ class StreamReset(Event):
     local: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PongReceived(Event):
     opaque: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GoAwayReceived(Event):
     last_stream_id: int
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionClosed(Event):
     status: int
     reason: str = ""

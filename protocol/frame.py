@@ -82,9 +82,16 @@ def _no_ext(code: int, data: bytes):
     raise DecodeError(f"msgpack extension type {code} is not allowed")
 
 
+_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
 def pack(obj) -> bytes:
-    """Encode with the canonical options every peer uses (bin type for bytes)."""
-    return msgpack.packb(obj, use_bin_type=True)
+    """Encode with the canonical options every peer uses (bin type for bytes).
+
+    One module-level Packer: ``packb`` would build a new one per call.  Packing
+    runs in C under the GIL, so sharing it between threads is safe.
+    """
+    return _packer.pack(obj)
 
 
 def unpack(data: bytes, *, max_len: int | None = None, check_depth: bool = True):

@@ -1,6 +1,6 @@
 """Typed messages and their strict msgpack schema (SPEC.md §6).
 
-Each message is a frozen dataclass with a paired encoder and decoder.  On the
+Each message is a slotted dataclass with a paired encoder and decoder.  On the
 wire a message is a msgpack map with string keys; ``"t"`` holds the type number.
 Decoding checks every field's type and bound, and rejects unknown keys.
 """
@@ -35,12 +35,17 @@ T_CLIENT_HELLO, T_SERVER_HELLO, T_SERVER_AUTH, T_CLIENT_AUTH, T_SERVER_FINISHED 
 
 
 class Message:
-    """Base class of every wire message."""
+    """Base class of every wire message.
+
+    Messages and events are treated as immutable records; they are plain (not
+    frozen) slotted dataclasses only because a frozen dataclass's ``__init__``
+    costs a ``object.__setattr__`` call per field, on the hottest path we have.
+    """
 
     __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request(Message):
     """Open stream ``stream_id`` with a request.  ``end`` False: body continues in Data."""
 
@@ -55,7 +60,7 @@ class Request(Message):
     envelope: dict | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response(Message):
     """The (first part of the) answer on ``stream_id``; ``end`` False: body continues."""
 
@@ -66,7 +71,7 @@ class Response(Message):
     end: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Data(Message):
     """A body chunk on ``stream_id``; ``end`` True on the last chunk of that direction."""
 
@@ -75,7 +80,7 @@ class Data(Message):
     end: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Window(Message):
     """Grant the peer ``credit`` more body bytes on ``stream_id``."""
 
@@ -83,7 +88,7 @@ class Window(Message):
     credit: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reset(Message):
     """Abort ``stream_id`` in both directions."""
 
@@ -92,17 +97,17 @@ class Reset(Message):
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ping(Message):
     opaque: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pong(Message):
     opaque: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GoAway(Message):
     """No new streams will be accepted; streams up to ``last_stream_id`` finish."""
 
@@ -110,7 +115,7 @@ class GoAway(Message):
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close(Message):
     """Last message of a connection; anything after it is ignored."""
 
@@ -118,7 +123,7 @@ class Close(Message):
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientHello(Message):
     version: int
     ephemeral: bytes
@@ -127,7 +132,7 @@ class ClientHello(Message):
     max_streams: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ServerHello(Message):
     version: int
     ephemeral: bytes
@@ -136,19 +141,19 @@ class ServerHello(Message):
     max_streams: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ServerAuth(Message):
     public_key: bytes
     signature: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientAuth(Message):
     user: str
     signature: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ServerFinished(Message):
     pass
 
@@ -275,6 +280,7 @@ _TYPE_OF = {spec[0]: t for t, spec in _SPEC.items()}
 
 
 _DATA_KEYS = frozenset(("t", "i", "b", "f"))
+_SIMPLE_REQUEST_KEYS = frozenset(("t", "i", "m", "p", "k", "b", "f"))
 _RESPONSE_KEYS = frozenset(("t", "i", "s", "h", "b", "f"))
 
 
@@ -285,6 +291,16 @@ def _fast(obj: dict, t: int):
         if (type(i) is int and 0 <= i <= MAX_STREAM_ID and type(b) is bytes
                 and type(f) is bool):
             return Data(i, b, f)
+    elif t == T_REQUEST and obj.keys() <= _SIMPLE_REQUEST_KEYS:
+        # No args, headers or envelope: the common request, checked inline.
+        i, meth, path = obj.get("i"), obj.get("m"), obj.get("p")
+        k, b, f = obj.get("k"), obj.get("b", b""), obj.get("f", True)
+        if (type(i) is int and 0 <= i <= MAX_STREAM_ID and type(meth) is str
+                and 0 < len(meth) <= MAX_METHOD and meth.isascii() and meth.isalpha()
+                and type(path) is str and len(path) <= MAX_PATH and path[:1] == "/"
+                and (k is None or (type(k) is str and len(k) <= MAX_TOKEN and k.isascii()))
+                and type(b) is bytes and type(f) is bool):
+            return Request(i, meth.upper(), path, k, None, {}, b, f, None)
     elif t == T_RESPONSE and obj.keys() <= _RESPONSE_KEYS and "h" not in obj:
         i, st, b, f = obj.get("i"), obj.get("s"), obj.get("b", b""), obj.get("f", True)
         if (type(i) is int and 0 <= i <= MAX_STREAM_ID and type(st) is int and 0 <= st <= 999
@@ -298,7 +314,7 @@ def decode(obj: Any) -> Message:
     if type(obj) is not dict:
         raise DecodeError("a message must be a map")
     t = obj.get("t")
-    if type(t) is int and (t == T_DATA or t == T_RESPONSE):
+    if type(t) is int and t <= T_DATA:
         msg = _fast(obj, t)
         if msg is not None:
             return msg
@@ -328,6 +344,15 @@ def decode(obj: Any) -> Message:
 def to_map(msg: Message) -> dict:
     """The wire map of ``msg``, leaving out optional fields at their default."""
     cls = type(msg)
+    if cls is Request and msg.args is None and not msg.headers and msg.envelope is None:
+        out = {"t": T_REQUEST, "i": msg.stream_id, "m": msg.method, "p": msg.path}
+        if msg.token is not None:
+            out["k"] = msg.token
+        if msg.body:
+            out["b"] = msg.body
+        if not msg.end:
+            out["f"] = False
+        return out
     if cls is Data:
         return {"t": T_DATA, "i": msg.stream_id, "b": msg.body, "f": msg.end}
     if cls is Response and not msg.headers:

@@ -138,6 +138,9 @@ class Client:
 
     async def connect(self) -> Session:
         """Connect and authenticate (idempotent; reconnects after a broken connection)."""
+        session = self._session
+        if session is not None and session.is_open and not session.going_away:
+            return session          # the common case, without taking the lock
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
@@ -239,13 +242,26 @@ class Client:
         """
         timeout = self.timeout if timeout is ... else timeout
         stream = await self._open(method, path, args, body, headers, token)
+        timer = None
+        if timeout is not None:
+            # One timer per request, inline: this is the hot path.
+            timer = stream.session.loop.call_later(timeout, _expire, asyncio.current_task(),
+                                                   stream)
         try:
-            async with _deadline(timeout, method, path):
-                status, resp_headers = await stream.head
-                data = await stream.read_all()
+            status, resp_headers = await stream.head
+            data = await stream.read_all()
+        except asyncio.CancelledError:
+            stream.reset(Status.CANCELLED, "client gave up")
+            if stream.deadline == -1.0:
+                raise RequestTimeout(f"{method} {path}: no answer within {timeout:g} s") \
+                    from None
+            raise
         except BaseException:
             stream.reset(Status.CANCELLED, "client gave up")
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         reply = Reply(status, resp_headers, data)
         return reply.raise_for_status() if check else reply
 
@@ -293,6 +309,11 @@ class Client:
             args["expire"] = expire
         reply = await self.request("POST", "/_node/token", args=args, token=None)
         return reply.text
+
+
+def _expire(task: asyncio.Task, stream: Stream) -> None:
+    stream.deadline = -1.0      # marks "cancelled by its deadline"
+    task.cancel()
 
 
 @contextlib.asynccontextmanager

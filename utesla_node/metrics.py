@@ -32,12 +32,17 @@ class Metrics:
         self.counters: collections.Counter[str] = collections.Counter()
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.latency: dict[str, _Histogram] = collections.defaultdict(_Histogram)
+        self._service: dict[str, str] = {}
 
     def incr(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
 
     def request(self, path: str, status: int, seconds: float) -> None:
-        service = path.strip("/").split("/", 1)[0] or "/"
+        service = self._service.get(path)
+        if service is None:
+            service = path.strip("/").split("/", 1)[0] or "/"
+            if len(self._service) < 4096:
+                self._service[path] = service
         if len(self.requests) < 10000:
             self.requests[(service, status)] += 1
             self.latency[service].observe(seconds)

@@ -243,21 +243,37 @@ class Node:
         key = (token, service_path.split("/", 1)[0])
         now = time.monotonic()
         hit = cache.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        if hit is not None:
+            if hit[0] > now:
+                return hit[1]
+            if hit[2] is not None:          # a check for this key is running: share it
+                return await asyncio.shield(hit[2])
+        # Single flight: concurrent requests with the same token wait for one check.
+        pending = session.loop.create_future()
+        if len(cache) >= 256:
+            cache.clear()
+        cache[key] = (0.0, None, pending)
         try:
             user = await self.authority.check_token(token or "", session.peer_user or "",
                                                     service_path)
-        except auth.Unauthorized as exc:
-            self.metrics.incr("auth_failures")
-            raise Unauthorized(str(exc)) from None
-        except auth.Forbidden as exc:
-            raise Forbidden(str(exc)) from None
-        except StorageUnavailable as exc:
-            raise Unavailable("database unavailable") from exc
-        if len(cache) >= 256:
-            cache.clear()
-        cache[key] = (now + self.config.token_cache_ttl, user)
+        except BaseException as exc:
+            cache.pop(key, None)
+            if isinstance(exc, auth.Unauthorized):
+                self.metrics.incr("auth_failures")
+                err = Unauthorized(str(exc))
+            elif isinstance(exc, auth.Forbidden):
+                err = Forbidden(str(exc))
+            elif isinstance(exc, StorageUnavailable):
+                err = Unavailable("database unavailable")
+            else:
+                err = exc
+            pending.set_exception(err)
+            pending.exception()             # retrieved: waiters, if any, re-raise it
+            if err is exc:
+                raise
+            raise err from None
+        cache[key] = (now + self.config.token_cache_ttl, user, None)
+        pending.set_result(user)
         return user
 
 

@@ -39,8 +39,25 @@ METHODS = frozenset({"get", "post", "put", "delete", "patch", "head", "options"}
 _generation = itertools.count(1)
 
 
+_split_cache: dict[str, tuple[str, ...]] = {}
+
+
 def split_path(path: str) -> list[str]:
-    """``/a/b/`` -> ``["a", "b"]``; refuses anything outside the allowlist (400)."""
+    """``/a/b/`` -> ``["a", "b"]``; refuses anything outside the allowlist (400).
+
+    Valid paths are remembered (a bounded cache): most traffic repeats a few paths.
+    """
+    hit = _split_cache.get(path)
+    if hit is not None:
+        return list(hit)
+    parts = _split_path(path)
+    if len(_split_cache) >= 4096:
+        _split_cache.clear()
+    _split_cache[path] = tuple(parts)
+    return parts
+
+
+def _split_path(path: str) -> list[str]:
     if not path.startswith("/") or len(path) > 1024:
         raise BadRequest("path must start with '/' and be at most 1024 characters")
     parts = [p for p in path[1:].split("/") if p != ""]
