@@ -4,6 +4,8 @@
     python bench/bench_node.py --quick             # D=2 s, 3 rounds: about 1.5 min
     python bench/bench_node.py --repeat 5          # D=5 s
     python bench/bench_node.py --profile DIR       # + cProfile of the node per workload
+    python bench/bench_node.py --patch what_if.py  # run a file in the node and client
+                                                   # processes first (what-if experiments)
 
 The shared harness (../shared/bench/peers, bench/run.sh) has hello-seq and hello-c16
 but no way to set the concurrency, hence this script.  Each (peer, workload) gets a
@@ -149,6 +151,9 @@ def serve_utesla(args) -> None:
     sys.path.insert(0, str(HERE))
     from _nodesetup import start_node, use_uvloop
 
+    if args.patch:
+        import runpy
+        runpy.run_path(args.patch, run_name="bench_patch")
     uv = use_uvloop() if not args.no_uvloop else False
     prof = None
     if args.profile_out:
@@ -261,6 +266,8 @@ class UteslaPeer:
                "--workdir", self.args.workdir, "--node-log-level", self.args.node_log_level]
         if self.args.no_uvloop:
             cmd.append("--no-uvloop")
+        if self.args.patch:
+            cmd += ["--patch", self.args.patch]
         if self.args.profile:
             os.makedirs(self.args.profile, exist_ok=True)
             cmd += ["--profile-out", os.path.join(
@@ -459,15 +466,18 @@ def report(results: list[dict], head: str) -> str:
 
 
 async def amain(args) -> list[dict]:
-    peers = [UteslaPeer(args)]
+    wanted = args.peers.split(",")
+    peers = [UteslaPeer(args)] if "utesla" in wanted else []
     if args.peers_dir:
-        peers.append(HarnessPeer(args, "floor", "peer_floor.py"))
-        try:
-            import Pyro5  # noqa: F401
-            peers.append(HarnessPeer(args, "pyro5", "peer_pyro5.py"))
-        except ImportError:
-            print("# Pyro5 not importable: no pyro5 row (bench/run.sh's venv has it)",
-                  file=sys.stderr)
+        if "floor" in wanted:
+            peers.append(HarnessPeer(args, "floor", "peer_floor.py"))
+        if "pyro5" in wanted:
+            try:
+                import Pyro5  # noqa: F401
+                peers.append(HarnessPeer(args, "pyro5", "peer_pyro5.py"))
+            except ImportError:
+                print("# Pyro5 not importable: no pyro5 row (run with .peers-venv/bin/python, "
+                      "which bench/run.sh creates)", file=sys.stderr)
     else:
         print("# shared/bench/peers not found: utesla only (set UTESLA_PEERS_DIR)",
               file=sys.stderr)
@@ -504,6 +514,7 @@ def main() -> None:
         ap.add_argument("--node-log-level", default="WARNING")
         ap.add_argument("--no-uvloop", action="store_true")
         ap.add_argument("--profile-out")
+        ap.add_argument("--patch")
         return serve_utesla(ap.parse_args())
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -516,11 +527,16 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=10.0,
                     help="max seconds to wait for an idle machine before each measurement")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--peers", default="utesla,floor,pyro5",
+                    help="which of utesla, floor, pyro5 to measure")
     ap.add_argument("--node-log-level", default="WARNING",
                     help="the node's log level (INFO logs one line per request)")
     ap.add_argument("--no-uvloop", action="store_true", help="node on the asyncio loop")
     ap.add_argument("--client-uvloop", action="store_true", help="clients on uvloop")
     ap.add_argument("--profile", metavar="DIR", help="cProfile the node, one file per run")
+    ap.add_argument("--patch", metavar="FILE",
+                    help="a Python file run in the node's process (and in this one, before "
+                         "any client) to try a change without editing the package")
     ap.add_argument("--out", help="JSON lines file (default bench/results/node-<time>.jsonl)")
     args = ap.parse_args()
     args.duration = args.duration or (2.0 if args.quick else 5.0)
@@ -528,6 +544,11 @@ def main() -> None:
         sys.exit("needs CPUs 0 and 1 (server on 0, client on 1)")
     os.sched_setaffinity(0, {1})
     args.peers_dir = find_peers_dir()
+    if args.patch:
+        args.patch = str(Path(args.patch).resolve())
+        sys.path.insert(0, str(HERE))
+        import runpy
+        runpy.run_path(args.patch, run_name="bench_patch")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = Path(args.out) if args.out else HERE / "results" / f"node-{stamp}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -542,12 +563,12 @@ def main() -> None:
     meta = {"meta": {"python": sys.version.split()[0], "duration_s": args.duration,
                      "warmup_s": args.warmup, "repeat": args.repeat,
                      "node_log_level": args.node_log_level, "node_uvloop": not args.no_uvloop,
-                     "client_uvloop": args.client_uvloop,
+                     "client_uvloop": args.client_uvloop, "patch": args.patch,
                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
     head = (f"bench_node: D={args.duration:g} s, median of {args.repeat} round(s), "
             f"(x%) = (max-min)/median; node on {'asyncio' if args.no_uvloop else 'uvloop'}, "
             f"clients on {'uvloop' if args.client_uvloop else 'asyncio'}; node log level "
-            f"{args.node_log_level}; run took {time.monotonic() - t0:.0f} s; {meta['meta']['time']}")
+            f"{args.node_log_level}{'; patch ' + args.patch if args.patch else ''}; run took {time.monotonic() - t0:.0f} s; {meta['meta']['time']}")
     md = report(results, head)
     print("\n" + md)
     out.write_text("\n".join(json.dumps(r) for r in [meta, *results]) + "\n")

@@ -23,6 +23,10 @@ For every topology and size it reports:
 * dead node: virtual time until no node holds any route (best or alternate) whose path
   contains a node that has just died with all its links (its own services and every route
   through it);
+* "(updates)": snapshots and updates sent network-wide for that change, until quiet (a
+  dead node costs about one withdrawal per link that carried its routes thanks to the
+  engine's ghost flushing; without it, stale paths were explored up to ``max_hops``:
+  143,089 updates and 3.6 s for a 300-node random graph);
 * at rest: messages and bytes per node per virtual second over ``--rest`` seconds after
   convergence (must be digests only, one per subscription per ``digest_interval``, so
   independent of the network size).
@@ -73,12 +77,14 @@ def check_routes(sim: Sim, ids: list[str], placement: dict[str, str]) -> None:
 
 
 def run_one(topology: str, n: int, *, services: int, seed: int, rest: float,
-            digest_interval: float, latency: float) -> dict:
+            digest_interval: float, latency: float, max_hops: int = 1024) -> dict:
     rng = random.Random(seed)
     edges = build(topology, n, rng)
     diam = diameter(n, edges)
     ids = [fingerprint_id(i) for i in range(n)]
-    sim = Sim(latency=latency, max_hops=1024, digest_interval=digest_interval)
+    if max_hops < diam:
+        raise SystemExit(f"--max-hops {max_hops} is below the {topology} {n} diameter {diam}")
+    sim = Sim(latency=latency, max_hops=max_hops, digest_interval=digest_interval)
     wall = time.perf_counter()
 
     # Sparse placement: `services` nodes offer one service each; node 0 stays free for the
@@ -120,6 +126,7 @@ def run_one(topology: str, n: int, *, services: int, seed: int, rest: float,
                 far[0] = max(far[0], best[1].hops)
 
     sim.on_change = seen
+    sim.reset_stats()
     t0 = sim.now
     sim.set_services(origin, ["fresh"])
     if not sim.run(t0 + 10 * diam * digest_interval + 10, stop=lambda: not missing):
@@ -127,6 +134,7 @@ def run_one(topology: str, n: int, *, services: int, seed: int, rest: float,
     t_new = sim.now - t0
     sim.on_change = None
     sim.settle(limit=max(60.0, 4 * diam * digest_interval))
+    new_msgs = sim.kinds["upd"] + sim.kinds["snap"]
     placement["fresh"] = origin
     check_routes(sim, ids, placement)
 
@@ -148,6 +156,7 @@ def run_one(topology: str, n: int, *, services: int, seed: int, rest: float,
             stale.discard(nid)
 
     sim.on_change = watch
+    sim.reset_stats()
     t0 = sim.now
     sim.kill(victim)
     if not sim.run(t0 + 10 * diam * digest_interval + 10, stop=lambda: not stale):
@@ -155,12 +164,14 @@ def run_one(topology: str, n: int, *, services: int, seed: int, rest: float,
     t_dead = sim.now - t0
     sim.on_change = None
     sim.settle(limit=max(60.0, 4 * diam * digest_interval))
+    dead_msgs = sim.kinds["upd"] + sim.kinds["snap"]
     placement = {s: o for s, o in placement.items() if o != victim}
     check_routes(sim, ids, placement)
 
     return {"topology": topology, "n": n, "diameter": diam, "t_init": t_init,
-            "new_hops": far[0], "t_new": t_new,
-            "target_new": diam * digest_interval + 1.0, "dead_had": had, "t_dead": t_dead,
+            "new_hops": far[0], "t_new": t_new, "new_msgs": new_msgs,
+            "target": diam * digest_interval + 1.0, "dead_had": had, "t_dead": t_dead,
+            "dead_msgs": dead_msgs,
             "rest_msgs": rest_msgs, "rest_max": rest_max, "rest_bytes": rest_bytes,
             "subs_rate": subs_rate, "digests_only": digests_only,
             "wall": time.perf_counter() - wall}
@@ -177,6 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rest", type=float, default=10.0, help="virtual seconds measured at rest")
     ap.add_argument("--digest-interval", type=float, default=1.0)
     ap.add_argument("--latency", type=float, default=0.001, help="per-hop latency, seconds")
+    ap.add_argument("--max-hops", type=int, default=1024,
+                    help="engine hop limit (must cover the diameter; default 1024)")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
     sizes = args.sizes or ([50, 100, 200] if args.quick else [100, 300, 1000])
@@ -184,11 +197,13 @@ def main(argv=None) -> int:
     di = args.digest_interval
 
     print(f"# W5 gossip simulation: real GossipEngine, virtual clock, {args.latency * 1000:g} ms "
-          f"per hop, digest_interval {di:g} s, min_update_interval 0.02 s, max_hops 1024, "
+          f"per hop, digest_interval {di:g} s, min_update_interval 0.02 s, "
+          f"max_hops {args.max_hops}, "
           f"{args.services} services, subscriptions both ways on every edge\n")
     cols = ["topology", "nodes", "diameter", "initial convergence (s)", "new service: hops",
-            "new service (s)", "target (s)", "dead node (s)", "at rest msg/node/s",
-            "(max node)", "at rest B/node/s", "digests only", "wall (s)"]
+            "new service (s)", "(updates)", "dead node gone (s)", "(updates)", "target (s)",
+            "at rest msg/node/s", "(busiest node)", "at rest B/node/s", "digests only",
+            "wall (s)"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     results = []
@@ -196,19 +211,22 @@ def main(argv=None) -> int:
     for topo in topologies:
         for n in sizes:
             r = run_one(topo, n, services=args.services, seed=args.seed, rest=args.rest,
-                        digest_interval=di, latency=args.latency)
+                        digest_interval=di, latency=args.latency, max_hops=args.max_hops)
             results.append(r)
             print(f"| {topo} | {n} | {r['diameter']} | {r['t_init']:.3f} | {r['new_hops']} | "
-                  f"{r['t_new']:.3f} | {r['target_new']:.0f} | {r['t_dead']:.3f} | "
+                  f"{r['t_new']:.3f} | {r['new_msgs']} | {r['t_dead']:.3f} | "
+                  f"{r['dead_msgs']} | {r['target']:.0f} | "
                   f"{r['rest_msgs']:.2f} | {r['rest_max']:.1f} | {r['rest_bytes']:.1f} | "
                   f"{'yes' if r['digests_only'] else 'NO'} | {r['wall']:.1f} |", flush=True)
 
     print("\n## Targets\n")
     for r in results:
-        good = r["t_new"] <= r["target_new"]
+        good = r["t_new"] <= r["target"] and r["t_dead"] <= r["target"]
         ok &= good
-        print(f"- {r['topology']} {r['n']}: new service everywhere in {r['t_new']:.3f} s "
-              f"<= {r['target_new']:.0f} s: {'met' if good else 'MISSED'}")
+        print(f"- {r['topology']} {r['n']}: new service everywhere in {r['t_new']:.3f} s, "
+              f"dead node's routes gone everywhere in {r['t_dead']:.3f} s, target "
+              f"diameter x digest_interval + 1 s = {r['target']:.0f} s: "
+              f"{'met' if good else 'MISSED'}")
     for topo in topologies:
         rows = [r for r in results if r["topology"] == topo]
         for r in rows:

@@ -20,6 +20,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":
+    # Under atheris, instrument our package only (coverage feedback where it matters).
+    import atheris
+
+    with atheris.instrument_imports(include=["protocol"]):
+        import protocol  # noqa: F401
+
 from protocol import messages  # noqa: E402
 from protocol.errors import DecodeError, ProtocolError  # noqa: E402
 from protocol.frame import FrameBuffer, unpack  # noqa: E402
@@ -80,11 +87,41 @@ def TestOneInput(data: bytes) -> None:
         pass
 
 
+def seeds() -> list[bytes]:
+    """Valid inputs to start from: every message type, framed and as record plaintext."""
+    from protocol.frame import frame, pack
+
+    samples = [
+        messages.Request(1, "GET", "/hello_world", "tok", {"a": [1]}, {"h": 1}, b"b", False,
+                         {"hops": 2}),
+        messages.Response(1, 200, {"x": "y"}, b"ok", True), messages.Response(1, 200),
+        messages.Data(1, b"chunk", True), messages.Window(1, 4096), messages.Reset(1, 499, "r"),
+        messages.Ping(b"p"), messages.Pong(b"p"), messages.GoAway(1, "g"), messages.Close(200),
+        messages.ClientHello(1, bytes(32), 65536, 1 << 20, 256),
+        messages.ServerHello(1, bytes(32), 65536, 1 << 20, 256),
+        messages.ServerAuth(b"k" * 44, b"s" * 64), messages.ClientAuth("alice", b"s" * 64),
+        messages.ServerFinished(),
+    ]
+    out = []
+    for msg in samples:
+        out.append(b"\x00" + frame(messages.encode(msg)))
+        out.append(b"\x01" + pack([messages.to_map(msg)]))
+    return out
+
+
 def main() -> None:
+    import tempfile
+
     import atheris
 
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, TestOneInput)
+    argv = list(sys.argv)
+    if not any(not a.startswith("-") for a in argv[1:]):     # no corpus given: seed one
+        corpus = tempfile.mkdtemp(prefix="utesla-fuzz-frame-")
+        for i, seed in enumerate(seeds()):
+            with open(os.path.join(corpus, f"seed-{i}"), "wb") as f:
+                f.write(seed)
+        argv.append(corpus)
+    atheris.Setup(argv, TestOneInput)
     atheris.Fuzz()
 
 

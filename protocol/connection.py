@@ -581,13 +581,31 @@ class Connection:
     def _queue(self, msg: m.Message) -> None:
         if self._state is _State.CLOSED:
             raise LocalProtocolError("connection is closed")
-        data = m.encode(msg)
+        self._out.append(self._fits(m.encode(msg)))
+
+    def _fits(self, data: bytes) -> bytes:
         # Refuse what could never be sealed now, before anything is sent: failing
         # later in _flush would leave earlier messages queued after their record
         # went out (sent twice).  The peer's limit only grows from MIN_RECORD.
         if len(data) > self._peer_max_record - _RECORD_OVERHEAD:
             raise LocalProtocolError("a message larger than the peer's record limit")
-        self._out.append(data)
+        return data
+
+    def _checked(self, msg: m.Message) -> bytes:
+        """Encode a caller-built REQUEST/RESPONSE, checked as the peer will check it.
+
+        The peer answers a message it cannot decode by closing the connection and
+        every stream on it, so a bad path, method, token, header or status from one
+        caller is refused here, as our error, before any state changes (SPEC.md §6).
+        """
+        try:
+            m.decode(m.to_map(msg))
+            data = m.encode(msg)
+        except DecodeError as exc:
+            raise LocalProtocolError(f"refusing to send an invalid message: {exc}") from None
+        except (TypeError, ValueError) as exc:      # msgpack cannot encode a value
+            raise LocalProtocolError(f"cannot encode the message: {exc}") from None
+        return self._fits(data)
 
     def _check_sendable(self) -> None:
         if not self.can_send:
@@ -607,10 +625,10 @@ class Connection:
         if len(body) > self._peer_window:
             raise LocalProtocolError("request body exceeds the peer's initial window")
         sid = self._next_id
+        data = self._checked(m.Request(sid, method.upper(), path, token, args, headers or {},
+                                       bytes(body), end, envelope))
         self._next_id += 2
-        msg = m.Request(sid, method.upper(), path, token, args, headers or {}, bytes(body), end,
-                        envelope)
-        self._queue(msg)
+        self._out.append(data)
         s = _Stream(sid, self._peer_window - len(body), self.settings.window)
         s.local_open = not end
         self._streams[sid] = s
@@ -640,8 +658,10 @@ class Connection:
         st = self._streams.get(stream_id)
         if st is not None and st.head:
             raise LocalProtocolError(f"stream {stream_id} already has its response")
+        data = self._checked(m.Response(stream_id, int(status), headers or {}, bytes(body),
+                                        end))
         self._consume_send(stream_id, len(body), end).head = True
-        self._queue(m.Response(stream_id, int(status), headers or {}, bytes(body), end))
+        self._out.append(data)
 
     def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
         self._check_sendable()

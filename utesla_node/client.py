@@ -24,6 +24,7 @@ from protocol import Connection, Role, Settings
 from protocol.crypto import PrivateKey, PublicKey
 from protocol.errors import (BadRequest, ProtocolError, RequestTimeout, Status, StatusError,
                              Unavailable, error_for_status)
+from protocol.messages import MAX_METHOD, MAX_PATH
 
 from .keys import load_private_key, load_public_key
 from .transport import ConnectionLost, Session, Stream
@@ -88,7 +89,10 @@ class ResponseStream:
 
     async def _iter(self):
         while True:
-            chunk = await asyncio.wait_for(self._stream.read_chunk(), self._timeout)
+            try:
+                chunk = await asyncio.wait_for(self._stream.read_chunk(), self._timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"no data for {self._timeout:g} s") from None
             if not chunk:
                 return
             yield chunk
@@ -184,6 +188,7 @@ class Client:
                     envelope=None) -> Stream:
         if not path.startswith("/"):
             path = "/" + path
+        _check_request_line(method, path)
         session = await self.connect()
         if isinstance(body, str):
             body = body.encode()
@@ -314,6 +319,20 @@ class Client:
 def _expire(task: asyncio.Task, stream: Stream) -> None:
     stream.deadline = -1.0      # marks "cancelled by its deadline"
     task.cancel()
+
+
+def _check_request_line(method: str, path: str) -> None:
+    """Refuse here what the node would refuse as a protocol error (SPEC.md §6).
+
+    A method or path the peer cannot decode would otherwise close the whole
+    connection, failing every other request in flight on it.
+    """
+    if (not isinstance(method, str) or not method or len(method) > MAX_METHOD
+            or not method.isascii() or not method.isalpha()):
+        raise BadRequest(f"invalid method {method!r}: one word of ASCII letters, "
+                         f"at most {MAX_METHOD}")
+    if not isinstance(path, str) or len(path) > MAX_PATH:
+        raise BadRequest(f"path longer than {MAX_PATH} characters")
 
 
 @contextlib.asynccontextmanager

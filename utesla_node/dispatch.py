@@ -41,7 +41,8 @@ class ResponseWriter:
     """
 
     __slots__ = ("session", "stream", "status", "headers", "started", "finished", "_stash",
-                 "_kick", "sent")
+                 "_kick", "sent", "args", "user", "path", "subpath", "method", "node",
+                 "_body")
 
     def __init__(self, session: Session, stream: Stream):
         self.session = session
@@ -53,6 +54,18 @@ class ResponseWriter:
         self._stash: bytes | None = None
         self._kick: asyncio.Handle | None = None
         self.sent = 0
+        self._body = None
+
+    # What a handler sees (services.Handler reads these through its ``_ctx``).
+    @property
+    def request_headers(self) -> dict:
+        return self.stream.request.headers
+
+    @property
+    def body(self) -> RequestBody:
+        if self._body is None:
+            self._body = RequestBody(self.stream, self.node.config.max_body)
+        return self._body
 
     def set_status(self, status: int) -> None:
         if self.started:
@@ -142,33 +155,6 @@ class ResponseWriter:
             self.stream.reset(exc.status, str(exc))
 
 
-class _Context:
-    """What a handler instance is bound to (see :class:`services.Handler`)."""
-
-    __slots__ = ("args", "user", "path", "subpath", "headers", "body", "method", "node",
-                 "writer")
-
-    def __init__(self, **kw):
-        for k, v in kw.items():
-            setattr(self, k, v)
-
-    @property
-    def started(self) -> bool:
-        return self.writer.started
-
-    def set_status(self, status: int) -> None:
-        self.writer.set_status(status)
-
-    def set_header(self, name: str, value) -> None:
-        self.writer.set_header(name, value)
-
-    async def write(self, data: bytes) -> None:
-        await self.writer.write(data)
-
-    async def flush(self) -> None:
-        await self.writer.flush()
-
-
 class Dispatcher:
     """Serves one request stream from start to finish (see module docstring)."""
 
@@ -246,6 +232,8 @@ class Dispatcher:
             return
         parts = split_path(req.path)
         user = await node.authorize(session, req.token, "/".join(parts))
+        if req.envelope is not None and node.network is not None:
+            node.network.check_envelope(req.envelope)   # §6.7: 400 malformed, 508 looped
         resolved = node.registry.resolve(parts)
         if resolved is None:
             if node.network is not None:
@@ -256,12 +244,14 @@ class Dispatcher:
         method = req.method.lower()
         if method not in METHODS or not callable(getattr(service.handler, method, None)):
             raise MethodNotAllowed(f"{req.method} not allowed on {service.path}")
-        ctx = _Context(args=req.args or {}, user=user.name,
-                       path=req.path, subpath=rest, headers=req.headers,
-                       body=RequestBody(stream, node.config.max_body), method=req.method,
-                       node=node, writer=writer)
+        writer.args = req.args or {}
+        writer.user = user.name
+        writer.path = req.path
+        writer.subpath = rest
+        writer.method = req.method
+        writer.node = node
         cls = service.handler
         handler = cls.__new__(cls)
-        handler._bind(ctx)
+        handler._ctx = writer           # everything the handler API reads (services.Handler)
         handler.__init__()
         await getattr(handler, method)()

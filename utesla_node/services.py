@@ -88,6 +88,24 @@ class RequestBody:
         return await self._stream.read_all(self._limit)
 
 
+class _FromContext:
+    """A read-only view of one request attribute (instances may still shadow it)."""
+
+    __slots__ = ("attr",)
+
+    def __init__(self, attr: str | None = None):
+        self.attr = attr
+
+    def __set_name__(self, owner, name):
+        if self.attr is None:
+            self.attr = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return getattr(obj._ctx, self.attr)
+
+
 class Handler:
     """Base of every service handler (plain classes get it mixed in at load time).
 
@@ -98,16 +116,15 @@ class Handler:
     ``method`` and ``node`` (the running node, for advanced services).
     """
 
-    def _bind(self, ctx) -> None:
-        self._ctx = ctx
-        self.args = ctx.args
-        self.user = ctx.user
-        self.path = ctx.path
-        self.subpath = ctx.subpath
-        self.headers = ctx.headers
-        self.body = ctx.body
-        self.method = ctx.method
-        self.node = ctx.node
+    _ctx = None       # the request's ResponseWriter, set before __init__ runs
+    args = _FromContext()
+    user = _FromContext()
+    path = _FromContext()
+    subpath = _FromContext()
+    headers = _FromContext("request_headers")
+    body = _FromContext()
+    method = _FromContext()
+    node = _FromContext()
 
     def set_status(self, status: int) -> None:
         """Status of the response; only before the first byte of the body is sent."""
@@ -116,15 +133,16 @@ class Handler:
     def set_header(self, name: str, value) -> None:
         self._ctx.set_header(name, value)
 
-    async def write(self, data) -> None:
+    def write(self, data):
         """Send a piece of the answer: ``str`` (UTF-8), bytes, or a dict/list (JSON).
 
-        May be called many times; the client receives the pieces in order.
+        May be called many times; the client receives the pieces in order.  Returns
+        an awaitable: ``await self.write(...)``.
         """
-        await self._ctx.write(data)
+        return self._ctx.write(data)
 
-    async def flush(self) -> None:
-        await self._ctx.flush()
+    def flush(self):
+        return self._ctx.flush()
 
 
 @dataclass(frozen=True)
@@ -209,10 +227,18 @@ class ServiceRegistry:
 _NAMESPACE = "_utesla_services"
 
 
+def _module_segment(segment: str) -> str:
+    """A path segment as an identifier, one-to-one: '_' -> '__', '-' -> '_d'.
+
+    (Plain ``replace('-', '_')`` made ``/x-y`` and ``/x_y`` share one module name.)
+    """
+    return segment.replace("_", "__").replace("-", "_d")
+
+
 def _load_handler(file: Path, gen: int, name: tuple[str, ...]) -> type | None:
     if _NAMESPACE not in sys.modules:
         sys.modules[_NAMESPACE] = types.ModuleType(_NAMESPACE)
-    modname = f"{_NAMESPACE}.g{gen}.{'.'.join(name)}".replace("-", "_")
+    modname = f"{_NAMESPACE}.g{gen}.{'.'.join(map(_module_segment, name))}"
     spec = importlib.util.spec_from_file_location(modname, file)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {file}")

@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 
 from protocol import Connection, Role, Settings
 from protocol.crypto import PublicKey
-from protocol.errors import (AuthenticationFailed, Cancelled, LocalProtocolError,
+from protocol.errors import (AuthenticationFailed, BadRequest, Cancelled, LocalProtocolError,
                              ProtocolError, Status, StatusError, Unavailable,
                              error_for_status)
 from protocol.events import (AuthenticationRequested, ConnectionClosed, DataReceived,
@@ -59,7 +59,7 @@ class Stream:
 
     __slots__ = ("session", "id", "incoming", "_chunks", "_waiter", "_ended", "_error",
                  "_credit", "head", "request", "_sent_end", "buffered", "deadline",
-                 "__weakref__")
+                 "task", "__weakref__")
 
     def __init__(self, session: "Session", stream_id: int, incoming: bool):
         self.session = session
@@ -74,6 +74,8 @@ class Stream:
         self.request: RequestReceived | None = None
         self._sent_end = False
         self.buffered = 0
+        #: The task serving an incoming request (cancelled when the peer resets it).
+        self.task: asyncio.Task | None = None
         self.deadline: float | None = None   # monotonic time the request must end by
 
     # -------------------------------------------------------------- receiving side
@@ -309,6 +311,9 @@ class Session:
             raise
         else:
             self._terminate(self.close_reason or ConnectionLost("connection closed by peer"))
+        # The peer is gone: requests still running for it can no longer be answered.
+        for task in list(self.tasks):
+            task.cancel()
 
     async def _handle_events(self, events) -> None:
         for ev in events:
@@ -333,6 +338,8 @@ class Session:
                 s = self.streams.pop(ev.stream_id, None)
                 if s is not None:
                     s._fail(error_for_status(ev.status, ev.reason or "stream reset by peer"))
+                    if s.task is not None:
+                        s.task.cancel()     # nobody wants the answer any more
             elif t is AuthenticationRequested:
                 key = None
                 try:
@@ -373,6 +380,7 @@ class Session:
             self.streams.pop(ev.stream_id, None)
             return
         task = self.loop.create_task(self._run_request(s))
+        s.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -442,7 +450,11 @@ class Session:
             sid = self.conn.send_request(method, path, token=token, args=args, headers=headers,
                                          body=body, end=end, envelope=envelope)
         except LocalProtocolError as exc:
-            raise ConnectionLost(str(exc)) from exc
+            if self.conn.closed or self.going_away:
+                raise ConnectionLost(str(exc)) from exc
+            # The request itself cannot be sent (invalid field, too many streams): the
+            # connection is fine, and reconnecting would not help.
+            raise BadRequest(str(exc)) from exc
         s = Stream(self, sid, incoming=False)
         s.head = self.loop.create_future()
         s._sent_end = end
@@ -496,6 +508,7 @@ class Session:
         except Exception:  # pragma: no cover - best effort
             pass
         if not self.ready.done():
+            self._log_failed_handshake(exc)
             self.ready.set_exception(exc)
             self.ready.exception()
         streams, self.streams = self.streams, {}
@@ -510,6 +523,14 @@ class Session:
             self.writer.close()
         if not self.closed.done():
             self.closed.set_result(exc)
+
+    def _log_failed_handshake(self, exc: BaseException) -> None:
+        if self.conn.role is not Role.SERVER:
+            log.debug("handshake with %s failed: %s", self.name, exc)
+        elif isinstance(exc, AuthenticationFailed):
+            log.warning("handshake with %s failed: %s", self.name, exc)
+        else:
+            log.info("handshake with %s failed: %s", self.name, exc)
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self.closed)

@@ -17,7 +17,7 @@ import pytest
 
 from faultproxy import FaultProxy
 from helpers import NodeHarness, link
-from faultproxy import _abort
+from faultproxy import _abort  # noqa: E402
 
 #: Fast enough that failures show within a second or two, slow enough to stay quiet.
 FAST = {"gossip_interval": 0.2, "heartbeat_interval": 0.3, "handshake_timeout": 2.0}
@@ -123,6 +123,16 @@ class Net:
         for h in reversed(self.nodes):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(h.stop(), 15)
+
+
+@pytest.fixture(autouse=True)
+def no_asyncio_errors(caplog):
+    """Fail a test whose nodes left asyncio errors behind (a task exception never
+    retrieved, a callback that raised): they are bugs even when the test passed."""
+    yield
+    bad = [r for when in ("setup", "call", "teardown") for r in caplog.get_records(when)
+           if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert not bad, "\n".join(r.getMessage() for r in bad)
 
 
 @pytest.fixture

@@ -183,10 +183,10 @@ class FaultProxy:
         for pair in list(self.pairs):
             pair.abort()
         self.pairs.clear()
-        for t in list(self._handlers):
-            t.cancel()
+        # The handlers end by themselves once their pumps are gone (cancelling one would make
+        # asyncio's start_server callback log the CancelledError as an error).
         if self._handlers:
-            await asyncio.gather(*self._handlers, return_exceptions=True)
+            await asyncio.wait(list(self._handlers), timeout=5)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)

@@ -251,7 +251,7 @@ async def test_a_request_that_comes_back_to_a_node_is_refused_508(net):
 
 async def test_a_users_envelope_can_only_restrict_its_own_request(net):
     """SPEC §6.7: an envelope is accepted from anyone, and never widens anyone's rights."""
-    a = await net.node("a")
+    a = await net.node("a", examples=True)
     b = await net.node("b", {"inspect": INSPECT})
     await net.link(a, b, user="node-a", service="inspect")
     session = await a.client().connect()
@@ -273,8 +273,13 @@ async def test_a_users_envelope_can_only_restrict_its_own_request(net):
     assert (await _send(session, "/inspect", token, env(path=[fp(b)])))[0] == Status.UNAVAILABLE
     assert a.node.metrics.counters["forwarded_requests"] == forwarded
     # A malformed envelope is a bad request.
-    for bad in (env(path="x"), env(path=[1, 2]), env(hops="many"), env(path=["n"] * 65)):
-        assert (await _send(session, "/inspect", token, bad))[0] == Status.BAD_REQUEST
+    for bad in (env(path="x"), env(path=[1, 2]), env(hops="many"), env(hops=-1),
+                env(path=["n"] * 65), env(id=b"short"), env(user=5), env(ttl="soon")):
+        assert (await _send(session, "/inspect", token, bad))[0] == Status.BAD_REQUEST, bad
+        assert (await _send(session, "/hello_world", token, bad))[0] == Status.BAD_REQUEST
+    assert (await _send(session, "/hello_world", token, env(path=[fp(a)])))[0] == \
+        Status.LOOP_DETECTED
+    assert (await _send(session, "/hello_world", token, env(hops=0)))[0] == Status.OK
 
 
 async def test_unknown_service_is_404_from_the_entry_node(net):

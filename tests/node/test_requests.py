@@ -9,8 +9,11 @@ import re
 
 import pytest
 
-from helpers import wait_for
-from protocol.errors import MethodNotAllowed, NotFound, RequestTimeout, Status
+from helpers import REPO, wait_for
+from protocol.errors import BadRequest, MethodNotAllowed, NotFound, RequestTimeout, Status
+
+#: The example services every harness node starts with.
+EXAMPLES = sorted(p.stem for p in (REPO / "complements").glob("*.py"))
 
 
 # --------------------------------------------------------------------------- multiplexing
@@ -140,7 +143,8 @@ HOSTILE_PATHS = [
     "/canary\x00.py", "/\uff41", "/\uff43anary", "/.hidden", "/_node_fake", "/_canary",
     "/" + "a" * 65, "/" + "/".join("abcdefghi"), "", "/", "//", "/./canary", "/complements/..",
     "/canary.py", "/CANARY/..", "/\u0441anary",  # Cyrillic es
-    "/" + "x" * 1030,
+    "canary", "../canary",                      # not starting with '/': refused by the client
+    "/" + "/".join(["x" * 60] * 16),   # 976 characters, 16 segments
 ]
 
 
@@ -155,14 +159,15 @@ async def test_path_tricks_are_refused_and_never_read_outside_complements(make_n
     h.node.reload_services()
     c = h.client()
     session = await c.connect()
-    if len(path) > 1024:   # the protocol itself refuses: cannot even be sent as a request
-        with pytest.raises(Exception):
-            session.open_stream("GET", path, token=c.token)
-        return
-    stream = session.open_stream("GET", path, token=c.token)   # raw: no client-side fixing
-    status, _ = await asyncio.wait_for(stream.head, 5)
-    body = await stream.read_all()
+    try:
+        stream = session.open_stream("GET", path, token=c.token)   # raw: no client-side fixing
+    except BadRequest:      # the protocol refuses to send it: as good as a 400
+        status, body = Status.BAD_REQUEST, b""
+    else:
+        status, _ = await asyncio.wait_for(stream.head, 5)
+        body = await stream.read_all()
     assert status in (Status.BAD_REQUEST, Status.NOT_FOUND), (path, status, body)
+    assert session.is_open
     assert b"SECRET" not in body
     assert not (h.folder / "CANARY_IMPORTED").exists()
     assert (await c.get("/hello_world")).text == "Hello World!"
@@ -174,7 +179,8 @@ async def test_loader_skips_private_hidden_and_non_ascii_files(make_node):
         (h.folder / "complements" / f"{name}.py").write_text(
             "class Handler:\n    async def get(self):\n        await self.write('SECRET')\n")
     h.node.reload_services()
-    assert h.node.registry.names() == ["countdown", "echo", "hello_world"]
+    assert h.node.registry.names() == EXAMPLES
+    await h.client().get("/hello_world")
 
 
 # --------------------------------------------------------------------------- errors
@@ -236,17 +242,32 @@ async def test_service_with_syntax_error_does_not_stop_the_others(make_node, inf
     assert "/broken" in text and "SyntaxError" in text
     assert "/nohandler" in text and "/importerr" in text
     listed = {s["path"] for s in (await c.get("/_node/services")).json()["services"]}
-    assert listed == {"/countdown", "/echo", "/hello_world"}
+    assert listed == {"/" + n for n in EXAMPLES}
     assert set(h.node.registry.errors) == {"broken", "nohandler", "importerr"}
 
 
-@pytest.mark.parametrize("method", ["POST", "DELETE", "FROB", "WRITE", "_BIND", "__INIT__",
-                                    "SET_STATUS", "FLUSH"])
+@pytest.mark.parametrize("method", ["POST", "DELETE", "PUT", "FROB", "WRITE", "FLUSH",
+                                    "BIND", "INIT", "NEW", "CLASS", "DICT"])
 async def test_method_not_implemented_is_405(node, method):
     c = node.client()
     with pytest.raises(MethodNotAllowed) as ei:
         await c.request(method, "/hello_world")
     assert ei.value.status == 405
+
+
+@pytest.mark.parametrize("method", ["_BIND", "__INIT__", "SET_STATUS", "G ET", "", "X" * 17,
+                                    "G\u0415T"])
+async def test_undecodable_method_or_path_is_refused_locally_connection_survives(node, method):
+    c = node.client()
+    await c.get("/hello_world")
+    with pytest.raises(BadRequest):
+        await c.request(method, "/hello_world")
+    with pytest.raises(BadRequest):
+        await c.get("/" + "x" * 1030)
+    with pytest.raises(NotFound):
+        await c.get("")                         # becomes "/": no service named
+    assert c.connected
+    assert (await c.get("/hello_world")).text == "Hello World!"
 
 
 async def test_unknown_service_is_404(node):

@@ -252,3 +252,22 @@ def test_unsupported_key_types():
         PrivateKey.generate("dsa")
     with pytest.raises(KeyFormatError):
         PrivateKey(p256.public_key())
+
+
+# --------------------------------------------------------------------------- HKDF
+
+@PROPERTY
+@given(ikm=st.binary(max_size=80), salt=st.binary(max_size=80), info=st.binary(max_size=80),
+       length=st.integers(0, 255 * 32))
+def test_hkdf_agrees_with_pycryptodome(ikm, salt, info, length):
+    from protocol.crypto import hkdf, hkdf_reference
+    if length == 0:
+        assert hkdf(ikm, salt, info, 0) == b""
+        return
+    assert hkdf(ikm, salt, info, length) == hkdf_reference(ikm, salt, info, length)
+
+
+def test_hkdf_refuses_overlong_output():
+    from protocol.crypto import hkdf
+    with pytest.raises(ValueError):
+        hkdf(b"k", b"", b"", 255 * 32 + 1)

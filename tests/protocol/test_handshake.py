@@ -275,3 +275,49 @@ def test_records_after_close_in_the_same_flight_are_ignored(make_pair):
     assert len(split_frames(data)) == 1           # request and close share one record
     events = pair.server.receive_data(data)
     assert [type(e).__name__ for e in events] == ["RequestReceived", "ConnectionClosed"]
+
+
+def test_the_backend_matrix_is_really_in_use(make_pair, backends):
+    pair = make_pair()
+    for role in ("client", "server"):
+        wanted_x = getattr(backends, f"{role}_ephemeral")
+        ephemeral = getattr(pair, role)._ephemeral
+        assert (ephemeral._fast is not None) == (wanted_x == "cryptography")
+    pair.handshake()
+    for role in ("client", "server"):
+        conn = getattr(pair, role)
+        wanted_aead = getattr(backends, f"{role}_aead")
+        assert conn._sealer._cls.name == wanted_aead
+        assert conn._opener._cls.name == wanted_aead
+
+
+def _pure_pycryptodome(private):
+    """The same identity key with the OpenSSL fast paths switched off."""
+    from protocol.crypto import PrivateKey, PublicKey
+    slow = PrivateKey(private._key)
+    slow._fast = None
+    slow.public._fast = None
+    pinned = PublicKey(private.public._key)
+    pinned._fast = None
+    return slow, pinned
+
+
+def test_handshake_with_no_openssl_path_at_all():
+    """Everything through pycryptodome: AEAD, X25519, Ed25519 signing and verifying."""
+    from protocol_helpers import Backends, Pair, key
+    node, node_pub = _pure_pycryptodome(key("ed25519", 0))
+    user, user_pub = _pure_pycryptodome(key("ed25519", 1))
+    pair = Pair(node, user, pinned=node_pub, users={"alice": user_pub},
+                backends=Backends("pycryptodome", "pycryptodome", "pycryptodome",
+                                  "pycryptodome"))
+    run = pair.handshake()
+    _assert_handshake(pair, run)
+    _round_trip_both_ways(pair)
+
+
+def test_ephemeral_secrets_are_dropped_once_established(make_pair):
+    pair = make_pair()
+    pair.handshake()
+    for conn in (pair.client, pair.server):
+        assert conn._ephemeral is None and conn._shared is None
+        assert conn._hs_sealer is None

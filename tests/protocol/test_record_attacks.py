@@ -10,13 +10,12 @@ import pytest
 
 from protocol import (ConnectionClosed, DecodeError, FlowControlError, FrameError,
                       IntegrityError, LocalProtocolError, PongReceived, ProtocolError,
-                      RequestReceived, Settings, Status)
+                      RequestReceived, ResponseReceived, Settings, Status)
 from protocol import messages as m
 from protocol.connection import MIN_WINDOW
 from protocol.frame import DEFAULT_MAX_RECORD, HEADER, MAX_DEPTH, pack, unpack
 
-from protocol_helpers import (Pair, drive_to_end, flip, plaintext_of, seal_raw, send_raw,
-                              split_frames)
+from protocol_helpers import Pair, flip, plaintext_of, seal_raw, send_raw, split_frames
 
 
 def _fails_with(pair: Pair, exc_type, plaintext: bytes, *, sender: str = "client") -> Exception:
@@ -451,7 +450,6 @@ def test_after_an_error_the_connection_stays_closed(pair):
     assert pair.server.receive_eof() == []
     with pytest.raises(LocalProtocolError):
         pair.server.send_ping()
-    drive_to_end(pair, type("R", (), {"client_error": None, "server_error": None})())
 
 
 def test_seal_raw_helper_stays_in_step_with_the_connection(pair):
@@ -463,3 +461,96 @@ def test_seal_raw_helper_stays_in_step_with_the_connection(pair):
     pair.client.send_ping(b"c")
     run = pair.shuttle()
     assert [e.opaque for e in run.of_type("client", PongReceived)] == [b"a", b"b", b"c"]
+
+
+# --------------------------------------------------------------------------- response order (§7.2)
+
+def test_second_response_on_a_stream(pair):
+    sid = pair.client.send_request("GET", "/once")
+    pair.shuttle()
+    pair.server.send_response(sid, 200, end=False)
+    pair.shuttle()
+    exc = _fails_with(pair, FlowControlError, plaintext_of(m.Response(sid, 200)),
+                      sender="server")
+    assert "second response" in str(exc)
+
+
+def test_response_body_before_the_response(pair):
+    sid = pair.client.send_request("GET", "/body-first")
+    pair.shuttle()
+    exc = _fails_with(pair, FlowControlError, plaintext_of(m.Data(sid, b"early")),
+                      sender="server")
+    assert "before the response" in str(exc)
+
+
+def test_local_response_order_is_enforced(pair):
+    sid = pair.client.send_request("GET", "/x")
+    pair.shuttle()
+    with pytest.raises(LocalProtocolError):
+        pair.server.send_data(sid, b"body before head")
+    pair.server.send_response(sid, 200, end=False)
+    with pytest.raises(LocalProtocolError):
+        pair.server.send_response(sid, 200)
+    with pytest.raises(LocalProtocolError):
+        pair.client.send_response(sid, 200)        # not the client's to answer
+    pair.server.send_data(sid, b"fine", end=True)
+    run = pair.shuttle()
+    assert [type(e).__name__ for e in run.client_events] == ["ResponseReceived",
+                                                             "DataReceived"]
+
+
+def test_nothing_is_sent_after_the_peers_close(pair):
+    pair.client.send_ping(b"answer me?")
+    pair.client.close(Status.OK, "bye")
+    events = pair.server.receive_data(pair.client.data_to_send())
+    assert [type(e).__name__ for e in events] == ["ConnectionClosed"]
+    assert pair.server.data_to_send() == b""      # no PONG after the peer's CLOSE
+
+
+BAD_LOCAL_REQUESTS = {
+    "relative path": dict(path="no-slash"),
+    "method with a space": dict(method="GET ME"),
+    "empty method": dict(method=""),
+    "non-ascii token": dict(token="tøken"),
+    "long header key": dict(headers={"x" * 65: 1}),
+    "header value a list": dict(headers={"x": [1]}),
+    "header bytes key": dict(headers={b"x": 1}),
+    "args too deep": dict(args=_nested(MAX_DEPTH + 1)),
+    "args not a map": dict(args=[1, 2]),
+    "args with a set": dict(args={"x": {1, 2}}),
+    "args with an object": dict(args={"x": object()}),
+    "args with a surrogate": dict(args={"x": "\udcff"}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LOCAL_REQUESTS))
+def test_invalid_local_request_is_refused_without_hurting_other_streams(pair, case):
+    """Regression: such a request used to go out, and the peer closed the whole connection."""
+    in_flight = pair.client.send_request("GET", "/in-flight")
+    kw = dict(method="GET", path="/")
+    kw.update(BAD_LOCAL_REQUESTS[case])
+    with pytest.raises(LocalProtocolError):
+        pair.client.send_request(kw.pop("method"), kw.pop("path"), **kw)
+    after = pair.client.send_request("GET", "/after")
+    run = pair.shuttle()
+    assert [e.stream_id for e in run.of_type("server", RequestReceived)] == [in_flight, after]
+    assert after == in_flight + 2
+    assert not pair.client.closed and not pair.server.closed
+
+
+@pytest.mark.parametrize("kw", [dict(status=1000), dict(status=-1),
+                                dict(headers={"x": {"nested": 1}}), dict(headers={1: 1}),
+                                dict(headers={"x": {1}})],
+                         ids=["status 1000", "status -1", "nested header", "int header key",
+                              "set header"])
+def test_invalid_local_response_is_refused_and_the_stream_can_still_answer(pair, kw):
+    sid = pair.client.send_request("GET", "/x")
+    pair.shuttle()
+    args = dict(status=200)
+    args.update(kw)
+    with pytest.raises(LocalProtocolError):
+        pair.server.send_response(sid, args.pop("status"), **args)
+    pair.server.send_response(sid, 500, body=b"sorry")
+    run = pair.shuttle()
+    (resp,) = run.of_type("client", ResponseReceived)
+    assert (resp.status, resp.body) == (500, b"sorry")

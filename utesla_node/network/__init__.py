@@ -259,19 +259,36 @@ class Network:
                 return name
         return None
 
+    def check_envelope(self, envelope: dict | None) -> tuple[list[str], int]:
+        """A received envelope's (path, hops left); SPEC.md §6.7.
+
+        400 when malformed; 508 when this node is already on its path, whether the
+        request would be served here or forwarded (the dispatcher calls this for local
+        services too).
+        """
+        env = envelope or {}
+        visited = env.get("path", [])
+        hops = env.get("hops", self.node.config.max_hops)
+        rid, user, ttl = env.get("id"), env.get("user"), env.get("ttl")
+        if (not isinstance(visited, list) or len(visited) > 64
+                or not all(isinstance(v, str) and 0 < len(v) <= 80 for v in visited)
+                or type(hops) is not int or hops < 0
+                or (rid is not None and not (isinstance(rid, bytes) and len(rid) == 16))
+                or (user is not None and not (isinstance(user, str) and len(user) <= 255))
+                or (ttl is not None and (isinstance(ttl, bool)
+                                         or not isinstance(ttl, (int, float))))):
+            raise BadRequest("malformed forwarding envelope")
+        if self.id in visited:
+            raise LoopDetected("forwarding loop: this node is already on the request's path")
+        return visited, hops
+
     async def forward(self, session: Session, stream: Stream, writer: "ResponseWriter",
                       parts: list[str], user) -> None:
         """Relay a request to the best node offering the service, both bodies streamed."""
         req = stream.request
         cfg = self.node.config
         env = req.envelope or {}
-        visited = env.get("path", [])
-        hops = env.get("hops", cfg.max_hops)
-        if (not isinstance(visited, list) or not all(isinstance(v, str) for v in visited)
-                or len(visited) > 64 or not isinstance(hops, int)):
-            raise BadRequest("malformed forwarding envelope")
-        if self.id in visited:
-            raise LoopDetected("forwarding loop: this node is already on the request's path")
+        visited, hops = self.check_envelope(req.envelope)
         if hops <= 0:
             raise LoopDetected("hop limit reached")
         service = self._service_for(parts)

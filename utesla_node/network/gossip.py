@@ -11,7 +11,10 @@ the routes B exports to it; B learns nothing from A unless B also adds A.
   service, prefixed with its own id, leaving out routes whose path already
   contains that subscriber (split horizon).
 * Changes go out as incremental updates (upserts + withdrawals) at most once
-  per ``min_update_interval`` per subscriber; a periodic digest of what the
+  per ``min_update_interval`` per subscriber, except that a route which got
+  longer or vanished meanwhile is withdrawn at once ("ghost flushing": without
+  it, a dead node's stale paths are explored one interval per hop, up to
+  ``max_hops``, with a storm of updates); a periodic digest of what the
   subscriber should hold lets it detect drift and ask for a fresh snapshot
   (anti-entropy).  At rest each link carries one digest per interval, whatever
   the size of the network.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 
@@ -55,6 +58,18 @@ class Route:
     origin: str
     version: int
     path: tuple[str, ...]
+    # Cache of wire_hash() (routes are immutable); not part of equality, hash or repr.
+    _wire_hash: int | None = field(default=None, init=False, repr=False, compare=False,
+                                   hash=False)
+
+    def wire_hash(self) -> int:
+        """128-bit BLAKE2b of the route's msgpack encoding (the unit :func:`digest` XORs)."""
+        h = self._wire_hash
+        if h is None:
+            h = int.from_bytes(hashlib.blake2b(msgpack.packb(self.to_wire()),
+                                               digest_size=16).digest(), "big")
+            object.__setattr__(self, "_wire_hash", h)
+        return h
 
     @property
     def hops(self) -> int:
@@ -71,7 +86,9 @@ class Route:
         service, origin, version, path = obj
         if not SERVICE_RE.match(service):
             raise GossipError(f"invalid service name {service[:80]!r}")
-        if not path or not all(type(p) is str and 0 < len(p) <= NODE_ID_MAX for p in path):
+        # (map/set/min/max keep the per-id checks in C: paths can be long)
+        if not path or set(map(type, path)) != {str} or \
+                not 0 < min(map(len, path)) <= max(map(len, path)) <= NODE_ID_MAX:
             raise GossipError("route path must be a non-empty list of node ids")
         if path[-1] != origin or not 0 <= version < (1 << 63):
             raise GossipError("route path must end at its origin; version out of range")
@@ -139,8 +156,8 @@ def digest(table: dict[str, Route]) -> bytes:
     """Order-independent 16-byte summary of a table (anti-entropy check)."""
     acc = 0
     for r in table.values():
-        h = hashlib.blake2b(msgpack.packb(r.to_wire()), digest_size=16).digest()
-        acc ^= int.from_bytes(h, "big")
+        h = r._wire_hash
+        acc ^= r.wire_hash() if h is None else h
     return acc.to_bytes(16, "big")
 
 
@@ -205,6 +222,7 @@ class GossipEngine:
         self._sub_last: dict[str, float] = {}
         self._sub_digest_at: dict[str, float] = {}
         self.resync: set[str] = set()                    # upstreams to re-subscribe to
+        self._flush_at: float | None = None              # see poll(): ghost flushing
         self.rejected = 0
         self.changes = 0
 
@@ -218,7 +236,7 @@ class GossipEngine:
         self.local = new
         self.version = max(self.version + 1, int(now * 1000))
         # Every local route carries the version: all of them change for subscribers.
-        self._touch(changed | new)
+        self._touch(changed | new, now)
 
     # -------------------------------------------------------------- upstream links
 
@@ -231,7 +249,7 @@ class GossipEngine:
         self.heard.pop(peer, None)
         self.resync.discard(peer)
         if table:
-            self._touch(set(table))
+            self._touch(set(table), now)
 
     def receive(self, peer: str, msg: dict, now: float) -> None:
         """Apply a decoded gossip message from upstream ``peer``."""
@@ -244,7 +262,7 @@ class GossipEngine:
                 new[r.service] = r
             touched = set(table) | set(new)
             self.learned[peer] = table = new
-            self._touch(touched)
+            self._touch(touched, now)
         elif kind == "upd":
             touched = set()
             for r in msg["r"]:
@@ -256,7 +274,7 @@ class GossipEngine:
             for s in msg["w"]:
                 if table.pop(s, None) is not None:
                     touched.add(s)
-            self._touch(touched)
+            self._touch(touched, now)
         if digest(table) != msg["d"]:
             self.resync.add(peer)
         else:
@@ -279,10 +297,12 @@ class GossipEngine:
 
     # -------------------------------------------------------------- recomputation
 
-    def _touch(self, services: set[str]) -> None:
+    def _touch(self, services: set[str], now: float) -> None:
         if not services:
             return
         self.changes += 1
+        if self._flush_at is None:
+            self._flush_at = now
         fresh = merge(self.id, self.learned, self.max_hops, services)
         for s in services:
             if s in fresh:
@@ -304,8 +324,28 @@ class GossipEngine:
                 self.link_down(peer, now)
                 self.resync.add(peer)
         out: list[tuple[str, dict]] = []
+        flush, self._flush_at = self._flush_at is not None, None
         for sub, pending in self._sub_pending.items():
-            if pending and now - self._sub_last[sub] >= self.min_update_interval:
+            if pending and now - self._sub_last[sub] < self.min_update_interval and flush:
+                # Ghost flushing: a route the subscriber holds got longer or went away
+                # while its update must wait.  Withdraw it now (the new route follows when
+                # due), so stale paths through a dead node are chased out at link speed
+                # instead of being explored one min_update_interval per hop.
+                held = self.subs[sub]
+                gone = []
+                for s in pending:
+                    old = held.get(s)
+                    if old is not None:
+                        r = export_route(self.id, s, s in self.local, self.version,
+                                         self.best.get(s), sub, self.max_hops)
+                        if r is None or r.hops > old.hops:
+                            del held[s]
+                            gone.append(s)
+                if gone:
+                    self._sub_digest_at[sub] = now
+                    out.append((sub, {"t": "upd", "r": [], "w": gone, "d": digest(held)}))
+                    continue
+            elif pending and now - self._sub_last[sub] >= self.min_update_interval:
                 held = self.subs[sub]
                 upserts, gone = [], []
                 for s in pending:
@@ -334,6 +374,8 @@ class GossipEngine:
     def next_deadline(self) -> float | None:
         """Earliest time :meth:`poll` has something to do (for the caller's timer)."""
         times = [t + self.route_ttl for t in self.heard.values()]
+        if self._flush_at is not None and self._sub_pending:
+            times.append(self._flush_at)
         for sub, pending in self._sub_pending.items():
             times.append(self._sub_last[sub] + self.min_update_interval if pending
                          else self._sub_digest_at[sub] + self.digest_interval)

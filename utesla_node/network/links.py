@@ -139,6 +139,10 @@ class Link:
     async def _subscription(self) -> None:
         node = self.network.node
         engine = self.network.engine
+        # A new subscription starts with a fresh snapshot: a mismatch seen on the old one is
+        # settled by it.  Left set, it would end this subscription after its first chunk
+        # whenever the snapshot spans several chunks (a resubscribe loop on large tables).
+        engine.resync.discard(self.peer_id)
         stream = self.session.open_stream("GET", "/_node/net/routes", token=self.peer.token)
         status, _ = await asyncio.wait_for(stream.head, node.config.handshake_timeout)
         if status != Status.OK:
@@ -152,6 +156,7 @@ class Link:
         buf = bytearray()
         max_routes = engine.max_routes
         wait_resub = asyncio.ensure_future(self._resubscribe.wait())
+        read = None
         try:
             while True:
                 read = asyncio.ensure_future(stream.read_chunk())
@@ -190,6 +195,10 @@ class Link:
                     return
         finally:
             wait_resub.cancel()
+            if read is not None and not read.done():
+                # Cancelled while waiting (link stopped): else the read fails when the
+                # session closes and asyncio logs "Task exception was never retrieved".
+                read.cancel()
 
     async def _heartbeat(self) -> None:
         interval = self.network.node.config.heartbeat_interval
