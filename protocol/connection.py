@@ -188,6 +188,11 @@ class Connection:
         return self._peer_max_record
 
     @property
+    def queued_bytes(self) -> int:
+        """Encoded application messages queued and not yet sealed into records."""
+        return sum(map(len, self._out))
+
+    @property
     def peer_window(self) -> int:
         """Initial credit the peer grants each stream (body bytes before a WINDOW)."""
         return self._peer_window

@@ -18,7 +18,7 @@ wire status code.  Errors are converted to responses in exactly one place
      │              └── AuthenticationFailed   the one generic refusal (SPEC.md §4.6)
      └── StatusError                   one request failed; the connection lives on
           ├── BadRequest 400, Unauthorized 401, Forbidden 403, NotFound 404,
-          ├── MethodNotAllowed 405, RequestTimeout 408, TooLarge 413,
+          ├── MethodNotAllowed 405, RequestTimeout 408, TooLarge 413, Cancelled 499,
           └── InternalError 500, Unavailable 503, GatewayTimeout 504, LoopDetected 508
 """
 from __future__ import annotations
@@ -125,7 +125,12 @@ class StatusError(UteslaError):
     def __init__(self, message: str = "", status: int | None = None):
         if status is not None:
             self.status = status
-        super().__init__(message or Status(self.status).name.lower().replace("_", " "))
+        if not message:
+            try:
+                message = Status(self.status).name.lower().replace("_", " ")
+            except ValueError:               # a status outside the table (a handler's 418)
+                message = f"status {self.status}"
+        super().__init__(message)
 
     @property
     def message(self) -> str:

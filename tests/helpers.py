@@ -224,3 +224,35 @@ async def link(a: "NodeHarness", b: "NodeHarness", *, user: str | None = None,
 def routes(a: "NodeHarness", service: str) -> list:
     """``a``'s candidate routes for ``service`` (``[(next hop id, Route), ...]``)."""
     return a.node.network.engine.candidates(service.strip("/"))
+
+
+async def register_user(config, name: str, password: str = "pw", key: PrivateKey | None = None,
+                        **fields) -> PrivateKey:
+    """Add a user straight into the database of a node's config (a running node sees it)."""
+    from utesla_node.storage import open_storage
+    key = key or user_key(tag=name)
+    fields.setdefault("token_limit", 0)
+    storage = open_storage(config.database_url or None, config.data_dir)
+    await storage.open()
+    try:
+        await storage.add_user(User(
+            name=name, password_hash=await auth.hash_password(password),
+            public_key=key.public.to_pem(), created_at=time.time(), **fields), overwrite=True)
+    finally:
+        await storage.close()
+    return key
+
+
+def folder_config(folder: Path, *args) -> "object":
+    """The configuration ``utesla-node`` would use when run in ``folder`` with ``args``
+    (only ``--config FILE`` is understood)."""
+    folder = Path(folder)
+    path = None
+    if "--config" in args:
+        path = folder / args[args.index("--config") + 1]
+    elif (folder / "node.ini").is_file():
+        path = folder / "node.ini"
+    cfg = load_config(path)
+    if path is None:
+        cfg.base_dir = folder
+    return cfg

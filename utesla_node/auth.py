@@ -524,8 +524,8 @@ class Authority:
         """The user ``token`` lets ``session_user`` act as for ``service_path``.
 
         :class:`Unauthorized` for a missing, malformed, unknown, expired, revoked or foreign
-        token (one message for all); :class:`Forbidden` when the token's scopes, or a guest
-        user's own scopes, do not allow the path.
+        token (one message for all); :class:`Forbidden` when the token's scopes, or the
+        user's own scopes (``*`` unless the admin limited them), do not allow the path.
         """
         record = await self._live_token(token, session_user)
         user = await self.storage.get_user(record.user)
@@ -533,8 +533,8 @@ class Authority:
             raise Unauthorized(_INVALID_TOKEN)
         if not scope_allows(record.scopes, service_path):
             raise Forbidden(f"token does not allow {service_path!r}")
-        if user.guest and not scope_allows(user.scopes, service_path):
-            raise Forbidden(f"guest user {user.name!r} may not use {service_path!r}")
+        if not scope_allows(user.scopes, service_path):   # "*" for ordinary users
+            raise Forbidden(f"user {user.name!r} may not use {service_path!r}")
         return user
 
     async def renew(self, token: str, session_user: str) -> Token:

@@ -150,9 +150,11 @@ class Client:
         async with self._connecting:
             if self.connected and not self._session.going_away:
                 return self._session
-            if self._session is not None:
+            if self._session is not None and not self._session.is_open:
                 self._session.close()
-                self._session = None
+            # A session that is going away keeps serving its in-flight requests until
+            # the node closes it; new requests go to a fresh connection.
+            self._session = None
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(self.host, self.port, limit=1 << 16),

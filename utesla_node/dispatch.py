@@ -13,7 +13,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
-from protocol.errors import (BadRequest, Cancelled, MethodNotAllowed, NotFound, RequestTimeout,
+from protocol.errors import (LocalProtocolError, BadRequest, Cancelled, MethodNotAllowed, NotFound, RequestTimeout,
                              Status, StatusError, Unavailable)
 
 from .services import METHODS, RequestBody, split_path
@@ -86,8 +86,11 @@ class ResponseWriter:
         if self._stash is not None and not self.started:
             body, self._stash = self._stash, None
             self.started = True
-            self.session.conn.send_response(self.stream.id, self.status, headers=self.headers,
-                                            body=body, end=False)
+            try:
+                self.session.conn.send_response(self.stream.id, self.status,
+                                                headers=self.headers, body=body, end=False)
+            except LocalProtocolError:
+                return          # the client went away; the handler's next write learns it
             self.session.schedule_flush()
 
     async def write(self, data) -> None:
@@ -194,11 +197,11 @@ class Dispatcher:
                         raise StatusError("the node is shutting down", Status.UNAVAILABLE)
                     raise
                 raise RequestTimeout(f"request took longer than {timeout:g} s") from None
+        except ConnectionLost:              # the client went away: nobody to answer
+            writer.status = Status.CANCELLED
         except StatusError as exc:
             writer.status = exc.status
             await self._report(writer, exc)
-        except ConnectionLost:
-            writer.status = Status.CANCELLED
         except asyncio.CancelledError:
             writer.status = Status.CANCELLED
             raise

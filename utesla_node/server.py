@@ -71,7 +71,8 @@ class Node:
             log.info("created node key pair in %s", cfg.keys_dir)
         self.storage = open_storage(cfg.database_url or None, cfg.data_dir,
                                     **({"pool_size": cfg.database_pool_size}
-                                       if cfg.database_url.startswith("mysql") else {}))
+                                       if cfg.database_url.startswith(("mysql", "mariadb"))
+                                       and "pool_size=" not in cfg.database_url else {}))
         await self.storage.open()
         log.info("database: %s", redact_url(cfg.database_url) or f"sqlite {cfg.data_dir}")
         self.authority = auth.Authority(self.storage, cfg.token_expire)
@@ -120,11 +121,24 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda s=sig: loop.create_task(self.stop(s.name)))
-        loop.add_signal_handler(signal.SIGHUP, self.reload_services)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: loop.create_task(self.reload_services_async()))
+
+    async def reload_services_async(self) -> None:
+        """SIGHUP: import the services off the event loop, then swap them in."""
+        try:
+            registry = await asyncio.get_running_loop().run_in_executor(
+                None, ServiceRegistry.load, self.config.services_dir)
+        except Exception:  # pragma: no cover - load() already isolates each file
+            log.exception("service reload failed; keeping the current services")
+            return
+        self._install_registry(registry)
 
     def reload_services(self) -> None:
         """Load ``complements/`` again and swap it in whole; running requests keep theirs."""
-        registry = ServiceRegistry.load(self.config.services_dir)
+        self._install_registry(ServiceRegistry.load(self.config.services_dir))
+
+    def _install_registry(self, registry: ServiceRegistry) -> None:
         self.registry = registry
         log.info("services reloaded: %s", ", ".join(registry.names()) or "none")
         if self.network is not None:
@@ -199,7 +213,7 @@ class Node:
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
-            if session.conn.established:
+            if session.conn.peer_user is not None:     # authenticated at some point
                 self.metrics.incr("handshakes_ok")
             else:
                 self.metrics.incr("handshakes_failed")

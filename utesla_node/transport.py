@@ -172,6 +172,8 @@ class Stream:
             if not view and not end:
                 return
             credit = await self._wait_credit() if view else 0
+            if view:
+                await session.drain_if_needed()
             n = min(len(view), credit, max_chunk)
             last = end and n == len(view)
             try:
@@ -183,7 +185,6 @@ class Stream:
             if last:
                 self._sent_end = True
                 return
-            await session.drain_if_needed()
 
     async def end(self) -> None:
         if not self._sent_end:
@@ -422,10 +423,22 @@ class Session:
             except (ConnectionError, OSError) as exc:
                 raise ConnectionLost(f"connection lost: {exc}") from exc
 
+    def backlog(self) -> int:
+        """Bytes waiting to go out: in the transport's buffer and queued, not yet sealed."""
+        return self.writer.transport.get_write_buffer_size() + self.conn.queued_bytes
+
     async def drain_if_needed(self) -> None:
-        if self.writer.transport.get_write_buffer_size() > self.high_water:
+        """Wait while this connection's backlog is over the high-water mark.
+
+        Checked *before* each body chunk is queued, so however many streams write
+        at once, the buffer never grows past the mark by more than one chunk each
+        round (they wake one at a time under the drain lock).
+        """
+        while self.backlog() > self.high_water:
             self.flush()
             await self.drain()
+            if self.conn.closed:
+                raise self.close_reason or ConnectionLost("connection closed")
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         if not self.conn.closed:
@@ -467,7 +480,10 @@ class Session:
         """Send the response head (with as much of the body as credit allows)."""
         n = min(len(body), self.conn.send_credit(stream.id), self.conn.max_chunk)
         last = end and n == len(body)
-        self.conn.send_response(stream.id, status, headers=headers, body=body[:n], end=last)
+        try:
+            self.conn.send_response(stream.id, status, headers=headers, body=body[:n], end=last)
+        except LocalProtocolError as exc:       # the stream or connection is gone
+            raise stream._error or ConnectionLost(str(exc)) from None
         stream._sent_end = last
         self.schedule_flush()
         if n < len(body) or (end and not last):
