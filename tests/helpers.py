@@ -226,6 +226,133 @@ def routes(a: "NodeHarness", service: str) -> list:
     return a.node.network.engine.candidates(service.strip("/"))
 
 
+#: Network timings for tests: failures show within a second or two, and it stays quiet.
+NET_FAST = {"gossip_interval": 0.2, "heartbeat_interval": 0.3, "handshake_timeout": 2.0}
+
+#: Answers with the fingerprint of the node that ran it (who served a forwarded request);
+#: ``delay`` (seconds, at most 5) first.
+WHOAMI_SERVICE = """
+    import asyncio
+
+    class Handler:
+        async def get(self):
+            delay = float(self.args.get("delay", 0))
+            if delay:
+                await asyncio.sleep(min(delay, 5))
+            await self.write(self.node.key.public.fingerprint())
+"""
+
+#: Streams ``n`` numbered lines ``delay`` seconds apart (bounded: n <= 2000, delay <= 0.2).
+TICKER_SERVICE = """
+    import asyncio
+
+    class Handler:
+        async def get(self):
+            n = min(int(self.args.get("n", 10)), 2000)
+            delay = min(float(self.args.get("delay", 0.01)), 0.2)
+            for i in range(n):
+                await self.write(f"tick {i}\\n")
+                await self.flush()
+                await asyncio.sleep(delay)
+"""
+
+#: What a handler saw: user, path, subpath, arguments, and which node ran it.
+INSPECT_SERVICE = """
+    class Handler:
+        async def get(self):
+            await self.write({"user": self.user, "path": self.path, "subpath": self.subpath,
+                              "args": self.args, "node": self.node.key.public.fingerprint()})
+"""
+
+
+def abort_connection(writer: asyncio.StreamWriter) -> None:
+    """Drop a TCP connection with a reset (SO_LINGER 0), as a crashed host's kernel would."""
+    import struct
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.transport.abort()
+
+
+class Net:
+    """A small network of in-process nodes, each in its own folder under ``root``.
+
+    ``node(name, services, **settings)`` starts one with :data:`NET_FAST` timings (settings
+    are :class:`utesla_node.config.NodeConfig` fields) and user ``alice`` holding a token;
+    ``link(a, b)`` is :func:`link`; ``kill(h)`` crashes a node (RST on every connection);
+    ``restart(h)`` brings its folder back up on the same port; ``proxy(h)`` puts a
+    ``faultproxy.FaultProxy`` in front of it.  ``close()`` stops everything.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.nodes: list[NodeHarness] = []
+        self.proxies: list = []
+
+    async def node(self, name: str, services: dict[str, str] | None = None, *,
+                   examples: bool = False, user: str | None = "alice",
+                   **settings) -> NodeHarness:
+        for k, v in NET_FAST.items():
+            settings.setdefault(k, v)
+        h = NodeHarness(self.root / name, services, copy_examples=examples, **settings)
+        h.name = name
+        self.nodes.append(h)
+        await h.start()
+        if user:
+            await h.add_user(user)
+        return h
+
+    async def restart(self, h: NodeHarness, **settings) -> NodeHarness:
+        """The same folder (keys, database, services) on the same port."""
+        for k, v in NET_FAST.items():
+            settings.setdefault(k, v)
+        settings.setdefault("port", h.port)
+        new = NodeHarness(h.folder, copy_examples=False, **settings)
+        new.name = h.name
+        new.keys, new.tokens = dict(h.keys), dict(h.tokens)
+        self.nodes.append(new)
+        await new.start()
+        return new
+
+    async def link(self, a: NodeHarness, b: NodeHarness, **kw) -> str:
+        return await link(a, b, **kw)
+
+    async def proxy(self, target: NodeHarness, **kw):
+        from faultproxy import FaultProxy     # tests/network/faultproxy.py
+        p = await FaultProxy(target.port, **kw).start()
+        self.proxies.append(p)
+        return p
+
+    async def kill(self, h: NodeHarness) -> None:
+        """Crash ``h``: every connection reset at once, nothing said to anyone; then clean up."""
+        node = h.node
+        if node._server is not None:
+            node._server.close()              # refuse new connections from now on
+        for s in list(node.sessions):
+            abort_connection(s.writer)
+        if node.network is not None:
+            for lk in node.network.links.values():
+                if lk.session is not None:
+                    abort_connection(lk.session.writer)
+        node.config.grace_period = 0.1
+        await node.stop("killed by the test")
+
+    async def close(self) -> None:
+        for p in self.proxies:
+            try:
+                await p.stop()
+            except Exception:
+                pass
+        for h in reversed(self.nodes):
+            try:
+                await asyncio.wait_for(h.stop(), 15)
+            except Exception:
+                pass
+
+
 async def register_user(config, name: str, password: str = "pw", key: PrivateKey | None = None,
                         **fields) -> PrivateKey:
     """Add a user straight into the database of a node's config (a running node sees it)."""

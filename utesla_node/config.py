@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 __all__ = ["NodeConfig", "ConfigError", "load_config", "find_config"]
 
@@ -39,7 +41,8 @@ class NodeConfig:
     database_url: str = ""
     #: Connection pool size for MariaDB.
     database_pool_size: int = 10
-    #: "ed25519" or "rsa": the type of key the node generates on first start.
+    #: "ed25519" or "rsa": the type of key the node generates on first start
+    #: (a node.ini giving ``rsa_key_length`` without ``key_type`` means rsa).
     key_type: str = "ed25519"
     #: RSA size in bits when ``key_type = rsa`` (2048..8192).
     rsa_key_length: int = 3072
@@ -113,8 +116,15 @@ def _bounded_int(lo: int, hi: int):
 
 def _positive_float(text: str) -> float:
     v = float(text)
-    if not v > 0:
+    if not (v > 0 and math.isfinite(v)):
         raise ValueError("must be a positive number")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    v = float(text)
+    if not (v >= 0 and math.isfinite(v)):
+        raise ValueError("must be a number >= 0")
     return v
 
 
@@ -172,7 +182,7 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "max_streams"): ("max_streams", _bounded_int(16, 65536)),
     ("server", "write_high_water"): ("write_high_water", _bounded_int(65536, 1 << 30)),
     ("server", "grace_period"): ("grace_period", _positive_float),
-    ("server", "token_cache_ttl"): ("token_cache_ttl", lambda t: max(0.0, float(t))),
+    ("server", "token_cache_ttl"): ("token_cache_ttl", _non_negative_float),
     ("database", "url"): ("database_url", _str),
     ("database", "pool_size"): ("database_pool_size", _bounded_int(1, 1000)),
     ("crypt limits", "key_type"): ("key_type", _choice("ed25519", "rsa")),
@@ -186,6 +196,34 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
     ("metrics", "listen"): ("metrics_listen", _listen),
 }
 _SECTIONS = {s for s, _ in _KEYS}
+
+
+def _ini_problem(exc: Exception) -> str:
+    """configparser's multi-line messages as one line naming the section and key."""
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return f"[{exc.section}] {exc.option}: set twice (line {exc.lineno})"
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return f"[{exc.section}]: section appears twice (line {exc.lineno})"
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return f"line {exc.lineno}: {exc.line.strip()!r} is outside any [section]"
+    if isinstance(exc, configparser.ParsingError):
+        lines = ", ".join(f"line {n}: {text}" for n, text in exc.errors[:3])
+        return f"not a valid INI file ({lines})"
+    return "not a valid INI file: " + " ".join(str(exc).split())
+
+
+def _anchor_sqlite(url: str, base_dir: Path) -> str:
+    """``sqlite:rel/path.db`` in a node.ini means relative to that file, like every path.
+
+    (Left alone, it was relative to the working directory: ``utesla-cli add --config
+    /etc/utesla/node.ini`` run elsewhere would have written to another database.)
+    """
+    if not url.lower().startswith("sqlite:"):
+        return url
+    rest = url[len("sqlite:"):]
+    if rest == ":memory:" or rest.startswith("/") or not rest:
+        return url
+    return "sqlite://" + quote(str((base_dir / unquote(rest)).resolve()))
 
 
 def find_config(explicit: str | os.PathLike | None) -> Path | None:
@@ -208,7 +246,8 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> NodeConfi
         except FileNotFoundError:
             raise ConfigError(f"{path}: configuration file not found") from None
         except (configparser.Error, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not a valid INI file: {exc}") from None
+            raise ConfigError(f"{path}: {_ini_problem(exc)}") from None
+        seen: set[tuple[str, str]] = set()
         for section in parser.sections():
             name = section.strip().lower()
             if name not in _SECTIONS:
@@ -225,8 +264,14 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> NodeConfi
                     setattr(cfg, fname, parse(value))
                 except ValueError as exc:
                     raise ConfigError(f"{path}: [{section}] {key} = {value!r}: {exc}") from None
+                seen.add((name, key.lower()))
+        if ("crypt limits", "rsa_key_length") in seen and ("crypt limits", "key_type") not in seen:
+            # The original's node.ini sized the node's RSA key with rsa_key_length alone:
+            # giving a size asks for RSA, as -bit_size does for generate_keys.
+            cfg.key_type = "rsa"
         cfg.base_dir = path.resolve().parent
         cfg.source = path
+        cfg.database_url = _anchor_sqlite(cfg.database_url, cfg.base_dir)
     for key, value in overrides.items():
         if value is not None:
             if key not in {f.name for f in dataclasses.fields(cfg)}:

@@ -13,7 +13,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
-from protocol.errors import (LocalProtocolError, BadRequest, Cancelled, MethodNotAllowed, NotFound, RequestTimeout,
+from protocol.errors import (GatewayTimeout, LocalProtocolError, BadRequest, Cancelled, MethodNotAllowed, NotFound, RequestTimeout,
                              Status, StatusError, Unavailable)
 
 from .services import METHODS, RequestBody, split_path
@@ -42,7 +42,7 @@ class ResponseWriter:
 
     __slots__ = ("session", "stream", "status", "headers", "started", "finished", "_stash",
                  "_kick", "sent", "args", "user", "path", "subpath", "method", "node",
-                 "_body")
+                 "_body", "forwarded")
 
     def __init__(self, session: Session, stream: Stream):
         self.session = session
@@ -55,6 +55,7 @@ class ResponseWriter:
         self._kick: asyncio.Handle | None = None
         self.sent = 0
         self._body = None
+        self.forwarded = False          # set when another node is answering (§9.4)
 
     # What a handler sees (services.Handler reads these through its ``_ctx``).
     @property
@@ -196,6 +197,9 @@ class Dispatcher:
                     if node.stopping:
                         raise StatusError("the node is shutting down", Status.UNAVAILABLE)
                     raise
+                if writer.forwarded:
+                    raise GatewayTimeout(f"the node serving {req.path} did not answer within "
+                                         f"{timeout:g} s") from None
                 raise RequestTimeout(f"request took longer than {timeout:g} s") from None
         except ConnectionLost:              # the client went away: nobody to answer
             writer.status = Status.CANCELLED

@@ -243,9 +243,6 @@ class Node:
             self._key_cache[user.public_key] = key
         return key
 
-    def is_peer_session(self, session: Session) -> bool:
-        return self.network is not None and self.network.is_peer_session(session)
-
     async def authorize(self, session: Session, token: str | None, service_path: str):
         """The user a request acts as; Unauthorized / Forbidden / Unavailable otherwise.
 

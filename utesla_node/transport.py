@@ -34,6 +34,10 @@ __all__ = ["Session", "Stream", "ConnectionLost", "set_nodelay", "READ_SIZE"]
 
 log = logging.getLogger("utesla.transport")
 READ_SIZE = 256 * 1024
+#: A response head with at most this much body is sent without waiting for the backlog.
+SMALL_HEAD = 16384
+#: Seconds a closed connection may spend flushing its last bytes before it is cut.
+CLOSE_LINGER = 5.0
 
 
 class ConnectionLost(Unavailable):
@@ -279,9 +283,13 @@ class Session:
             except ProtocolError as exc:
                 self._terminate(exc)
                 return
-        elif self.idle_timeout and now - self.last_activity >= self.idle_timeout \
-                and not self.streams:
-            self.close(Status.TIMEOUT, "idle timeout")
+        elif self.idle_timeout and now - self.last_activity >= self.idle_timeout:
+            if not self.streams:
+                self.close(Status.TIMEOUT, "idle timeout")
+                return
+            # Quiet, but requests are running: look again one idle period from now
+            # (re-arming from last_activity would fire at once, again and again).
+            self._timer = self.loop.call_later(self.idle_timeout, self._on_timer)
             return
         self._arm_timer()
 
@@ -304,6 +312,8 @@ class Session:
                 if self.conn.closed:
                     break
         except ProtocolError as exc:
+            self._terminate(exc)
+        except ConnectionLost as exc:          # from drain(): the transport went away
             self._terminate(exc)
         except (ConnectionError, OSError) as exc:
             self._terminate(ConnectionLost(f"connection lost: {exc}"))
@@ -477,7 +487,14 @@ class Session:
 
     async def respond(self, stream: Stream, status: int, headers: dict | None = None,
                       body: bytes = b"", end: bool = True) -> None:
-        """Send the response head (with as much of the body as credit allows)."""
+        """Send the response head (with as much of the body as credit allows).
+
+        A head carrying a large body waits for the backlog like any body chunk does
+        (else every stream's first write would pile up past the high-water mark);
+        small ones, such as error answers, never wait.
+        """
+        if len(body) > SMALL_HEAD:
+            await self.drain_if_needed()
         n = min(len(body), self.conn.send_credit(stream.id), self.conn.max_chunk)
         last = end and n == len(body)
         try:
@@ -491,10 +508,13 @@ class Session:
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time to the peer, in seconds."""
+        try:
+            self.conn.send_ping(b"")
+        except LocalProtocolError as exc:      # closed under us: as open_stream() says it
+            raise self.close_reason or ConnectionLost(str(exc)) from None
         fut = self.loop.create_future()
         self._pongs.append(fut)
         t0 = time.monotonic()
-        self.conn.send_ping(b"")
         self.flush()
         t1 = await asyncio.wait_for(fut, timeout)
         return t1 - t0
@@ -537,6 +557,10 @@ class Session:
         self._pongs.clear()
         if not self.writer.is_closing():
             self.writer.close()
+            if self.writer.transport.get_write_buffer_size():
+                # close() flushes first; a peer that never reads would keep the socket
+                # (and its buffer, and its place in the connection count) forever.
+                self.loop.call_later(CLOSE_LINGER, self.writer.transport.abort)
         if not self.closed.done():
             self.closed.set_result(exc)
 

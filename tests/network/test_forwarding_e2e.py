@@ -10,17 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import FAST, TICKER, WHOAMI
-from helpers import BIN, NodeProcess, link_state, routes, run_cli, wait_for
+from helpers import (NET_FAST, TICKER_SERVICE as TICKER, WHOAMI_SERVICE as WHOAMI,
+                     NodeProcess, link_state, routes, run_cli, wait_for)
 from protocol.errors import NotFound, StatusError, Unavailable
 from utesla_node.network.gossip import Route, digest, encode_message
 from utesla_node.network.links import LEN
@@ -381,7 +378,7 @@ async def test_peer_announcing_garbage_and_floods_is_contained(net, caplog):
             for _ in range(600):                     # bounded: a minute at most
                 await writer.flush()
                 try:
-                    await asyncio.wait_for(stop.wait(), FAST["gossip_interval"])
+                    await asyncio.wait_for(stop.wait(), NET_FAST["gossip_interval"])
                     return
                 except asyncio.TimeoutError:
                     pass

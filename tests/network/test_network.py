@@ -14,9 +14,9 @@ import secrets
 
 import pytest
 
-from conftest import COUNTDOWN_AND_ECHO, INSPECT, TICKER, WHOAMI
-from helpers import REPO, routes, user_key, wait_for
-from protocol.errors import Forbidden, LoopDetected, NotFound, Status, Unauthorized
+from helpers import (INSPECT_SERVICE as INSPECT, REPO, TICKER_SERVICE as TICKER,
+                     WHOAMI_SERVICE as WHOAMI, routes, user_key, wait_for)
+from protocol.errors import Forbidden, NotFound, Status, Unauthorized
 
 
 def examples(*names: str) -> dict[str, str]:
@@ -32,7 +32,7 @@ def fp(h) -> str:
 async def test_line_of_five_streams_and_bulk_bodies_arrive_intact(net):
     """A -> B -> C -> D -> E; the services live only on E; A's client never knows."""
     names = "ABCDE"
-    nodes = [await net.node(n, {**examples(*COUNTDOWN_AND_ECHO), "whoami": WHOAMI}
+    nodes = [await net.node(n, {**examples("countdown", "echo"), "whoami": WHOAMI}
                             if n == "E" else None) for n in names]
     a, e = nodes[0], nodes[-1]
     await asyncio.gather(*(net.link(x, y) for x, y in zip(nodes, nodes[1:])))
@@ -114,6 +114,12 @@ async def test_ring_of_six_routes_are_loop_free_and_shortest(net):
         c = h.client()
         replies = await asyncio.gather(*(c.get(f"/svc{j}") for j in range(n)))
         assert [r.text for r in replies] == ids
+    # No request ever came back to a node it had visited (that would have been a 508), and
+    # each crossed as many relays as its route's hops.
+    for h in nodes:
+        assert not [k for k in h.node.metrics.requests if k[1] == Status.LOOP_DETECTED]
+    relayed = sum(h.node.metrics.counters["forwarded_requests"] for h in nodes)
+    assert relayed == sum(ring_distance(i, j, n) for i in range(n) for j in range(n))
 
 
 # --------------------------------------------------------------------------- a star

@@ -311,3 +311,9 @@ async def test_request_log_line_per_request(node, info_logs):
     assert any(r.name == "utesla.request" and "/hello_world -> 200" in r.getMessage()
                for r in info_logs.records)
     logging.getLogger("utesla.request")  # nothing else to check
+
+
+async def test_reload_then_stop_at_once_does_not_hang(make_node):
+    h = await make_node()
+    h.node.reload_services()
+    await asyncio.wait_for(h.node.stop("right after a reload"), 10)

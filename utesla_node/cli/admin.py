@@ -71,14 +71,17 @@ def generate_keys(bit_size, key_type, out_public, out_private, force):
         fail("-bit_size applies to RSA keys only")
     if bool(out_public) != bool(out_private):
         fail("give both -out-public-key and -out-private-key, or neither")
+    if out_public:      # checked before the (slow, for RSA) generation
+        if Path(out_public).resolve() == Path(out_private).resolve():
+            fail("-out-public-key and -out-private-key name the same file")
+        for f in (out_public, out_private):
+            if Path(f).exists() and not force:
+                fail(f"{f} exists (use --force to overwrite)")
     key = PrivateKey.generate(key_type, bit_size or RSA_DEFAULT_BITS)
     if not out_public:
         click.echo(key.public.to_pem(), nl=False)
         click.echo(key.to_pem(), nl=False)
         return
-    for f in (out_public, out_private):
-        if Path(f).exists() and not force:
-            fail(f"{f} exists (use --force to overwrite)")
     write_key_pair(key, Path(out_public), Path(out_private))
     click.echo(f"{key.kind} key {key.public.fingerprint()}: public {out_public}, "
                f"private {out_private} (mode 0600)", err=True)

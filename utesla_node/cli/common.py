@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import sys
 
 import click
@@ -43,6 +44,12 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except click.exceptions.ClickException:
             raise
+        except BrokenPipeError:
+            # `utesla-cli generate_keys | head -1`: the reader left; not our error.
+            # Point stdout at /dev/null so the exit-time flush does not complain.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
         except EXPECTED as exc:
             fail(_describe(exc))
     return wrapper

@@ -22,7 +22,7 @@ from protocol.errors import (BadRequest, GatewayTimeout, LoopDetected, NotFound,
 from ..storage import StorageError
 from ..transport import ConnectionLost, Session, Stream
 from .gossip import GossipEngine, Route, encode_message
-from .links import LEN, Link
+from .links import LEN, Link, cancel_and_wait
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..dispatch import ResponseWriter
@@ -69,10 +69,7 @@ class Network:
                              return_exceptions=True)
         self.links.clear()
         for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+            await cancel_and_wait(t)      # a cancel lost inside wait_for() must not hang us
 
     def kick(self) -> None:
         self._kick.set()
@@ -154,8 +151,19 @@ class Network:
             data = encode_message(snap)
             await writer.write(LEN.pack(len(data)) + data)
             await writer.flush()
+            quiet = 6 * self.node.config.heartbeat_interval
             while True:
-                msg = await queue.get()
+                try:
+                    msg = await asyncio.wait_for(queue.get(), quiet)
+                except asyncio.TimeoutError:
+                    # Subscribers ping every heartbeat; silence means it is gone (a cut
+                    # cable sends no FIN): end the session instead of holding it forever.
+                    if time.monotonic() - session.last_activity > quiet:
+                        log.warning("gossip subscriber %s silent for %.0f s: closing",
+                                    session.peer_user, quiet)
+                        session.close(Status.TIMEOUT, "subscriber silent")
+                        return
+                    continue
                 if msg is None:
                     return
                 data = encode_message(msg)
@@ -177,9 +185,6 @@ class Network:
             raise NotFound(f"no built-in service /_node/net/{name}")
 
     # -------------------------------------------------------------- views
-
-    def is_peer_session(self, session: Session) -> bool:
-        return session.peer_key is not None and session.peer_key.fingerprint() in self.subscribers
 
     def routes_summary(self) -> list[dict]:
         out = []
@@ -302,6 +307,7 @@ class Network:
             left = stream.deadline - time.monotonic()
             envelope["ttl"] = max(0.001, left - min(0.25, left * 0.05))
         tried: set[str] = set()
+        writer.forwarded = True
         replayable = req.end and req.method in ("GET", "HEAD", "OPTIONS")
         while True:
             link = self._choose(service, tried, visited)
@@ -350,7 +356,9 @@ class Network:
                 pump = asyncio.get_running_loop().create_task(self._pump_body(stream, out))
             try:
                 status, headers = await out.head
-            except ConnectionLost as exc:
+            except StatusError as exc:
+                # No answer byte came back (the link broke, or the peer closed or reset
+                # the stream): another route may serve a replayable request.
                 raise _RetryableFailure(str(exc)) from None
             if req.end:
                 stream._chunks.clear()

@@ -28,12 +28,25 @@ from .gossip import GossipError, decode_message
 if TYPE_CHECKING:  # pragma: no cover
     from . import Network
 
-__all__ = ["Link", "LEN"]
+__all__ = ["Link", "LEN", "cancel_and_wait"]
 
 log = logging.getLogger("utesla.link")
 LEN = struct.Struct(">I")
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 30.0
+
+
+async def cancel_and_wait(task: asyncio.Task) -> BaseException | None:
+    """Cancel ``task`` until it has ended; returns the exception it ended with, if any.
+
+    One ``cancel()`` is not always enough: on Python < 3.12 ``asyncio.wait_for()``
+    swallows a cancellation that lands as its inner future completes (a refused connect,
+    a kicked event), and a loop around it would go on forever.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    return None if task.cancelled() else task.exception()
 
 
 class Link:
@@ -66,11 +79,10 @@ class Link:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            exc = await cancel_and_wait(self._task)
+            if exc is not None:
+                log.error("link to %s had stopped on an unexpected error: %r", self.peer.url,
+                          exc)
         if self.session is not None:
             self.session.close(Status.OK, "link removed")
         self.state = "stopped"
@@ -206,7 +218,7 @@ class Link:
             await asyncio.sleep(interval)
             try:
                 self.rtt = await self.session.ping(timeout=max(1.0, 2 * interval))
-            except (asyncio.TimeoutError, ConnectionLost, StatusError):
+            except (asyncio.TimeoutError, ConnectionLost, StatusError, ProtocolError):
                 log.warning("link to %s: heartbeat lost, closing", self.peer.url)
                 self.session.close(Status.TIMEOUT, "heartbeat timeout")
                 return

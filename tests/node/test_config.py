@@ -1,0 +1,106 @@
+"""node.ini parsing (in-process; the process-level checks are in test_node_process.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from utesla_node.config import ConfigError, NodeConfig, find_config, load_config
+from utesla_node.storage import open_storage
+
+
+def _load(tmp_path: Path, text: str, **overrides) -> NodeConfig:
+    (tmp_path / "node.ini").write_text(text)
+    return load_config(tmp_path / "node.ini", **overrides)
+
+
+def test_defaults_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert find_config(None) is None
+    cfg = load_config(None)
+    assert (cfg.host, cfg.port, cfg.key_type) == ("127.0.0.1", 17000, "ed25519")
+    assert cfg.services_dir == tmp_path / "complements"
+    assert cfg.keys_dir == tmp_path / "keys" and cfg.data_dir == tmp_path / "data"
+    (tmp_path / "node.ini").write_text("[server]\nport = 1\n")
+    assert find_config(None) == Path("node.ini")
+
+
+def test_all_documented_keys_and_relative_paths(tmp_path):
+    cfg = _load(tmp_path, """
+[Server]
+host = 0.0.0.0
+port = 17001
+services = svc
+keys = ~/k
+data = /abs/d
+max_connections = 7
+idle_timeout = 1.5
+token_cache_ttl = 0
+[database]
+url =
+pool_size = 3
+[Crypt Limits]
+key_type = RSA
+rsa_key_length = 4096
+token_expire = 60
+""")
+    assert (cfg.host, cfg.port, cfg.max_connections, cfg.idle_timeout) == (
+        "0.0.0.0", 17001, 7, 1.5)
+    assert cfg.token_cache_ttl == 0
+    assert cfg.services_dir == tmp_path / "svc"
+    assert cfg.keys_dir == Path("~/k").expanduser()
+    assert cfg.data_dir == Path("/abs/d")
+    assert (cfg.database_url, cfg.database_pool_size) == ("", 3)
+    assert (cfg.key_type, cfg.rsa_key_length, cfg.token_expire) == ("rsa", 4096, 60.0)
+    assert cfg.source == tmp_path / "node.ini"
+
+
+def test_rsa_key_length_alone_means_an_rsa_node_key(tmp_path):
+    assert _load(tmp_path, "[crypt limits]\nrsa_key_length = 2048\n").key_type == "rsa"
+    cfg = _load(tmp_path, "[crypt limits]\nkey_type = ed25519\nrsa_key_length = 2048\n")
+    assert cfg.key_type == "ed25519"
+
+
+def test_relative_sqlite_url_is_relative_to_node_ini(tmp_path, monkeypatch):
+    sub = tmp_path / "etc"
+    sub.mkdir()
+    (sub / "node.ini").write_text("[database]\nurl = sqlite:db/node.db\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path("etc/node.ini"))
+    storage = open_storage(cfg.database_url, cfg.data_dir)
+    assert Path(storage.path) == sub / "db" / "node.db"
+    assert cfg.database_url == f"sqlite://{sub}/db/node.db"
+    for url in ("sqlite:///abs/x.db", "sqlite::memory:", "mysql://u@h/db", ""):
+        assert _load(tmp_path, f"[database]\nurl = {url}\n").database_url == url
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("[nope]\n", ["node.ini", "[nope]"]),
+    ("[server]\nprot = 1\n", ["node.ini", "[server]", "prot"]),
+    ("[server]\nport = x\n", ["node.ini", "[server]", "port"]),
+    ("[server]\nidle_timeout = inf\n", ["[server]", "idle_timeout"]),
+    ("[server]\nrequest_timeout = nan\n", ["[server]", "request_timeout"]),
+    ("[server]\ntoken_cache_ttl = inf\n", ["[server]", "token_cache_ttl"]),
+    ("[server]\ntoken_cache_ttl = -1\n", ["[server]", "token_cache_ttl"]),
+    ("[server]\nservices =\n", ["[server]", "services"]),
+    ("[crypt limits]\ntoken_expire = 0\n", ["[crypt limits]", "token_expire"]),
+    ("[crypt limits]\nrsa_key_length = 9000\n", ["[crypt limits]", "rsa_key_length"]),
+    ("[logging]\nlevel = LOUD\n", ["[logging]", "level"]),
+    ("[metrics]\nlisten = nowhere\n", ["[metrics]", "listen"]),
+    ("[server]\nport = 1\nport = 2\n", ["node.ini", "[server]", "port"]),
+    ("port = 1\n", ["node.ini", "line 1"]),
+])
+def test_bad_files_name_file_section_and_key(tmp_path, text, needles):
+    with pytest.raises(ConfigError) as ei:
+        _load(tmp_path, text)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, (n, msg)
+
+
+def test_overrides(tmp_path):
+    cfg = _load(tmp_path, "[server]\nport = 5\n", port=0, host=None)
+    assert cfg.port == 0 and cfg.host == "127.0.0.1"
+    with pytest.raises(ConfigError):
+        load_config(None, no_such_setting=1)
