@@ -244,6 +244,9 @@ class Connection:
         if self._state is _State.CLOSED:
             return []
         self._frames.feed(data)
+        if self._state is _State.SERVER_AWAIT_KEY and len(self._frames) > 2 * self.settings.max_record:
+            # Bytes pipelined behind ClientAuth wait for the key lookup; bounded.
+            self._fail(FrameError("too much data before authentication completed"))
         return self._drain()
 
     def receive_eof(self) -> list[Event]:
@@ -604,8 +607,9 @@ class Connection:
         caller is refused here, as our error, before any state changes (SPEC.md §6).
         """
         try:
-            m.decode(m.to_map(msg))
-            data = m.encode(msg)
+            wire = m.to_map(msg)
+            m.decode(wire)
+            data = pack(wire)
         except DecodeError as exc:
             raise LocalProtocolError(f"refusing to send an invalid message: {exc}") from None
         except (TypeError, ValueError) as exc:      # msgpack cannot encode a value

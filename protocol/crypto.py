@@ -108,9 +108,16 @@ def _check_rsa(key: RSA.RsaKey) -> None:
         raise WeakKeyError(f"RSA public exponent {key.e} is not acceptable")
 
 
+_ED25519_ORDER = 2**252 + 27742317777372353535851937790883648493
+
+
 def _check_ed25519(key: ECC.EccKey) -> None:
     if (key.pointQ * 8).is_point_at_infinity():
         raise WeakKeyError("Ed25519 public key is a point of small order")
+    # Mixed-order points (a torsion component added) verify some signatures that a
+    # prime-order key would not; every honestly generated key is in the prime subgroup.
+    if not (key.pointQ * _ED25519_ORDER).is_point_at_infinity():
+        raise WeakKeyError("Ed25519 public key is not in the prime-order subgroup")
 
 
 class PublicKey:

@@ -11,38 +11,7 @@ import logging
 
 import pytest
 
-from helpers import NodeHarness
-
-#: Services several tests use (besides the examples copied from complements/).
-GATE_SERVICE = """
-    import asyncio
-
-    GATES = {}
-
-    def gate(name):
-        return GATES.setdefault(name, asyncio.Event())
-
-    class Handler:
-        async def get(self):
-            name = self.args.get("name", "g")
-            if self.args.get("open"):
-                gate(name).set()
-                await self.write("opened")
-                return
-            await self.write("waiting ")
-            await self.flush()
-            await asyncio.wait_for(gate(name).wait(), float(self.args.get("max", 10)))
-            await self.write("done")
-"""
-
-SLEEPY_SERVICE = """
-    import asyncio
-
-    class Handler:
-        async def get(self):
-            await asyncio.sleep(float(self.args["d"]))
-            await self.write(str(self.args["i"]))
-"""
+from helpers import GATE_SERVICE, SLEEPY_SERVICE, NodeHarness
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import wait_for
+from helpers import GATE_SERVICE, wait_for
 from protocol import Connection, Role, Settings
 from protocol.errors import ProtocolError, Unavailable
 
@@ -270,7 +270,7 @@ async def test_idle_timeout_spares_a_connection_with_a_request_running(make_node
         return original(self)
 
     monkeypatch.setattr(Session, "_on_timer", counting)
-    h = await make_node({"gate": __import__("conftest").GATE_SERVICE}, idle_timeout=0.3)
+    h = await make_node({"gate": GATE_SERVICE}, idle_timeout=0.3)
     c = h.client()
     slow = asyncio.ensure_future(c.get("/gate", args={"name": "busy"}))
     await wait_for(lambda: h.node.inflight == 1, 5)
