@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 from urllib.parse import urlsplit

@@ -22,7 +22,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.errors import BadRequest, NotFound, Status
+from protocol.errors import BadRequest, NotFound
 
 __all__ = ["Handler", "ServiceRegistry", "Service", "split_path", "SEGMENT_RE", "METHODS"]
 

@@ -21,7 +21,7 @@ import socket
 import time
 from typing import Awaitable, Callable
 
-from protocol import Connection, Role, Settings
+from protocol import Connection, Role
 from protocol.crypto import PublicKey
 from protocol.errors import (AuthenticationFailed, BadRequest, Cancelled, LocalProtocolError,
                              ProtocolError, Status, StatusError, Unavailable,

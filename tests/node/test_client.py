@@ -192,3 +192,26 @@ async def test_blog_client_api_in_process(node, tmp_path):
     bad = await u.fetch(f"http://127.0.0.1:{node.port}/hello_world", {"token": "x"})
     assert bad.status == 401
     await u.close()
+
+
+@pytest.mark.parametrize("reply", [None, b"\x00\x00\x00\x05hello", b"HTTP/1.1 200 OK\r\n\r\n"],
+                         ids=["silent", "garbage-frame", "http"])
+async def test_client_against_a_server_that_is_not_a_node(reply):
+    async def serve(reader, writer):
+        if reply is not None:
+            writer.write(reply)
+        await reader.read()                    # hold the connection until the client goes
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    c = Client(f"utesla://127.0.0.1:{port}", user="a", private_key=user_key(),
+               node_key=user_key(tag="n").public, connect_timeout=0.5)
+    try:
+        with pytest.raises((errors.Unavailable, errors.ProtocolError)):
+            await asyncio.wait_for(c.get("/x"), 5)
+        assert not c.connected
+    finally:
+        await c.close()
+        server.close()
+        await server.wait_closed()

@@ -301,7 +301,6 @@ async def test_stalled_client_is_dropped_for_good_after_timeouts(make_node, monk
     session.flush()
     await wait_for(lambda: node_session.writer.transport.get_write_buffer_size() > 256 * 1024, 10)
     # request timeout, then idle timeout, then the linger: gone, with its buffer
-    t0 = time.monotonic()
     await wait_for(lambda: h.node.inflight == 0, 10)
     await wait_for(lambda: len(h.node.sessions) == 0, 10)
     assert node_session.writer.transport.is_closing()

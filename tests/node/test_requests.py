@@ -317,3 +317,19 @@ async def test_reload_then_stop_at_once_does_not_hang(make_node):
     h = await make_node()
     h.node.reload_services()
     await asyncio.wait_for(h.node.stop("right after a reload"), 10)
+
+
+async def test_services_named_like_installed_modules_do_not_shadow_them(make_node):
+    import json as stdlib_json
+    import sys
+    h = await make_node({
+        "json": "class Handler:\n    async def get(self):\n        await self.write('svc json')\n",
+        "asyncio": "import asyncio\nclass Handler:\n    async def get(self):\n"
+                   "        await asyncio.sleep(0)\n        await self.write('svc asyncio')\n",
+    })
+    c = h.client()
+    assert (await c.get("/json")).text == "svc json"
+    assert (await c.get("/asyncio")).text == "svc asyncio"
+    assert sys.modules["json"] is stdlib_json
+    assert sys.modules["asyncio"] is asyncio
+    assert h.node.registry.services[("json",)].handler.__module__.startswith("_utesla_services.")

@@ -53,7 +53,7 @@ async def _with_storage(config_path, fn):
 
 @main.command("generate_keys", context_settings=CONTEXT)
 @click.option("-bit_size", "--bit-size", "bit_size", type=click.IntRange(2048, 8192),
-              default=None, help=f"Make an RSA key of this size (2048..8192).")
+              default=None, help="Make an RSA key of this size (2048..8192).")
 @click.option("--type", "key_type", type=click.Choice(["ed25519", "rsa"]), default=None,
               help="Key type (default ed25519; rsa when -bit_size is given).")
 @click.option("-out-public-key", "--out-public-key", "out_public", type=click.Path(dir_okay=False),

@@ -1,7 +1,6 @@
 """``utesla-node``: run a node (``python -m utesla_node`` does the same)."""
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import resource
