@@ -188,6 +188,11 @@ class Connection:
         return self._peer_max_record
 
     @property
+    def stream_slots(self) -> int:
+        """Streams we may still open before reaching the peer's ``max_streams``."""
+        return max(0, self._peer_max_streams - (len(self._streams) - self._peer_open))
+
+    @property
     def queued_bytes(self) -> int:
         """Encoded application messages queued and not yet sealed into records."""
         return sum(map(len, self._out))
@@ -629,7 +634,7 @@ class Connection:
         self._check_sendable()
         if self._goaway_received:
             raise LocalProtocolError("peer is going away: no new streams")
-        if len(self._streams) >= self._peer_max_streams:
+        if not self.stream_slots:
             raise LocalProtocolError("too many open streams for the peer's limit")
         if len(body) > self._peer_window:
             raise LocalProtocolError("request body exceeds the peer's initial window")

@@ -201,13 +201,15 @@ class Client:
             raise TypeError("body must be bytes, str, a file object or an async iterable")
         streaming = rest is None
         end = not streaming and not rest
+        if not session.conn.stream_slots:
+            await session.wait_stream_slot()      # the node's stream limit: queue here
         try:
-            stream = session.open_stream(method, path, token=token or self.token, args=args,
+            stream = session.open_stream(method, path, token=self.token if token is None else (token or None), args=args,
                                          headers=headers, body=first, end=end,
                                          envelope=envelope)
         except ConnectionLost:
             session = await self.connect()     # the old one went away: one fresh try
-            stream = session.open_stream(method, path, token=token or self.token, args=args,
+            stream = session.open_stream(method, path, token=self.token if token is None else (token or None), args=args,
                                          headers=headers, body=first, end=end,
                                          envelope=envelope)
         if not end:

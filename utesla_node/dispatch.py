@@ -103,6 +103,8 @@ class ResponseWriter:
         if not data:
             return
         self.sent += len(data)
+        if self.session.writer.transport.get_write_buffer_size() > self.session.high_water:
+            await self.session.drain_if_needed()   # back-pressure for first writes too
         if not self.started and self._stash is None and len(data) <= _FIRST_WRITE_DEFER:
             self._stash = data
             self._kick = self.session.loop.call_soon(self._send_stash)
@@ -154,7 +156,9 @@ class ResponseWriter:
         if not self.started:
             self.started = True
             self._stash = None
-            await self.session.respond(self.stream, exc.status, {}, str(exc).encode(), end=True)
+            body = str(exc).encode()
+            self.sent += len(body)
+            await self.session.respond(self.stream, exc.status, {}, body, end=True)
         else:
             self.stream.reset(exc.status, str(exc))
 

@@ -208,6 +208,11 @@ class ServiceRegistry:
             if name in services:
                 log.warning("service /%s defined twice; using %s", "/".join(name), rel)
             services[name] = Service(name, handler, file)
+        # Earlier generations leave sys.modules (requests still running keep their
+        # classes through the registry they started with).
+        for name in [n for n in sys.modules if n.startswith(f"{_NAMESPACE}.g")
+                     and not n.startswith(f"{_NAMESPACE}.g{gen}.")]:
+            del sys.modules[name]
         log.info("loaded %d service(s) from %s%s", len(services), folder,
                  f" ({len(errors)} failed)" if errors else "")
         return cls(folder, services, errors)

@@ -200,6 +200,8 @@ class Stream:
         self.session.forget(self.id)
         self._fail(Cancelled(reason or "stream reset"))
         self.session.schedule_flush()
+        if self.session._slot_waiters:
+            self.session._wake_slot_waiters()
 
 
 RequestHandler = Callable[["Session", Stream], Awaitable[None]]
@@ -234,6 +236,7 @@ class Session:
         self._flush_handle: asyncio.Handle | None = None
         self._drain_lock = asyncio.Lock()
         self._pongs: collections.deque[asyncio.Future] = collections.deque()
+        self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._reader_task: asyncio.Task | None = None
         set_nodelay(writer)
@@ -308,6 +311,8 @@ class Session:
                 events = self.conn.receive_data(data)
                 if events:
                     await self._handle_events(events)
+                    if self._slot_waiters:
+                        self._wake_slot_waiters()
                 self.flush()
                 if self.conn.closed:
                     break
@@ -460,6 +465,21 @@ class Session:
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
 
+    async def wait_stream_slot(self) -> None:
+        """Wait until the peer's stream limit lets us open another stream."""
+        while self.is_open and not self.conn.stream_slots:
+            fut = self.loop.create_future()
+            self._slot_waiters.append(fut)
+            await fut
+
+    def _wake_slot_waiters(self) -> None:
+        n = self.conn.stream_slots if self.is_open else len(self._slot_waiters)
+        while self._slot_waiters and n > 0:
+            fut = self._slot_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                n -= 1
+
     def open_stream(self, method: str, path: str, *, token: str | None = None,
                     args: dict | None = None, headers: dict | None = None,
                     body: bytes = b"", end: bool = True,
@@ -539,6 +559,7 @@ class Session:
             self._timer = None
         if self.close_reason is None:
             self.close_reason = exc
+        self._wake_slot_waiters()          # they see the closed session and give up
         try:
             self.flush()  # a CLOSE the protocol queued on its way down
         except Exception:  # pragma: no cover - best effort
