@@ -415,3 +415,98 @@ SLEEPY_SERVICE = """
             await asyncio.sleep(float(self.args["d"]))
             await self.write(str(self.args["i"]))
 """
+
+
+# --------------------------------------------------------------------------- large transfers
+
+def proc_status(pid: int, field: str = "VmRSS") -> int:
+    """A size field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``, ...) in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+class SlowReaderProxy:
+    """A TCP relay to ``127.0.0.1:target_port`` that reads what the node sends slowly.
+
+    Client -> node bytes pass at once; node -> client bytes are read in pieces of at most
+    ``piece`` bytes, at most ``rate`` bytes a second (None: no limit), and not at all
+    while :meth:`pause` is in force.  The relay buffers at most a couple of pieces per
+    connection (small StreamReader limits), so to the node it is a slow reader, and the
+    node's own buffering is what a test measures.
+    """
+
+    def __init__(self, target_port: int, *, rate: float | None = None, piece: int = 16384):
+        self.target_port = target_port
+        self.rate = rate
+        self.piece = piece
+        self.relayed = 0                       # node -> client bytes passed on
+        self._open = asyncio.Event()
+        self._open.set()
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> "SlowReaderProxy":
+        self._server = await asyncio.start_server(self._on_connect, "127.0.0.1", 0,
+                                                  limit=self.piece)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"utesla://127.0.0.1:{self.port}"
+
+    def pause(self) -> None:
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    async def _on_connect(self, creader, cwriter) -> None:
+        try:
+            nreader, nwriter = await asyncio.open_connection("127.0.0.1", self.target_port,
+                                                             limit=self.piece)
+        except OSError:
+            cwriter.close()
+            return
+        self._writers += [cwriter, nwriter]
+        for coro in (self._pipe(creader, nwriter, slow=False),
+                     self._pipe(nreader, cwriter, slow=True)):
+            t = asyncio.get_running_loop().create_task(coro)
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, reader, writer, slow: bool) -> None:
+        try:
+            while True:
+                if slow:
+                    await self._open.wait()
+                data = await reader.read(self.piece if slow else 1 << 16)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+                if slow:
+                    self.relayed += len(data)
+                    if self.rate:
+                        await asyncio.sleep(len(data) / self.rate)   # the rate limit itself
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in self._writers:
+            w.transport.abort()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)

@@ -52,6 +52,8 @@ class Node:
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._server: asyncio.base_events.Server | None = None
         self._key_cache: dict[str, PublicKey] = {}
+        self._user_keys: dict[str, tuple[float, PublicKey]] = {}
+        self._token_cache: dict[tuple, tuple] = {}
         self.inflight = 0
         self.stopping = False
         self.started_at = time.time()
@@ -202,12 +204,11 @@ class Node:
         session = Session(reader, writer, conn, on_request=self.dispatcher,
                           key_lookup=self.lookup_user_key, high_water=cfg.write_high_water,
                           idle_timeout=cfg.idle_timeout, name=f"{ip}:{peer[1] if peer else 0}")
-        session.token_cache = {}
         self.sessions.add(session)
         self._per_ip[ip] += 1
         self.metrics.incr("connections_accepted")
         try:
-            await session.start()
+            await session.run()         # this task is the session's reader
         finally:
             self.sessions.discard(session)
             self._per_ip[ip] -= 1
@@ -223,7 +224,16 @@ class Node:
                 pass
 
     async def lookup_user_key(self, name: str) -> PublicKey | None:
-        """The registered key of ``name`` (None when unknown); 503 when storage is down."""
+        """The registered key of ``name`` (None when unknown); 503 when storage is down.
+
+        Known users' keys are remembered for ``token_cache_ttl`` seconds (a key change
+        or removal takes effect within that time, as for tokens), so a burst of
+        connections does not queue behind the database; unknown names never are.
+        """
+        now = time.monotonic()
+        hit = self._user_keys.get(name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
         try:
             user = await self.storage.get_user(name)
         except StorageUnavailable as exc:
@@ -241,17 +251,28 @@ class Node:
             if len(self._key_cache) > 4096:
                 self._key_cache.clear()
             self._key_cache[user.public_key] = key
+        if len(self._user_keys) > 4096:
+            self._user_keys.clear()
+        self._user_keys[name] = (now + self.config.token_cache_ttl, key)
         return key
+
+    def forget_token(self, token: str | None) -> None:
+        """Drop cached checks of ``token`` (after it was renewed or revoked here)."""
+        for key in [k for k in self._token_cache if k[0] == token]:
+            del self._token_cache[key]
 
     async def authorize(self, session: Session, token: str | None, service_path: str):
         """The user a request acts as; Unauthorized / Forbidden / Unavailable otherwise.
 
-        A session remembers tokens it validated for ``token_cache_ttl`` seconds, so
-        steady traffic costs no database round trip per request; revocation takes
-        effect within that time.
+        The node remembers tokens it validated for ``token_cache_ttl`` seconds, so
+        steady traffic (and a client reconnecting) costs no database round trip per
+        request; revocation made elsewhere (utesla-cli, another node sharing the
+        database) takes effect within that time, one made here at once.
         """
-        cache = session.token_cache
-        key = (token, service_path.split("/", 1)[0])
+        cache = self._token_cache
+        # The session's user is part of the key: a token is only ever valid on its
+        # owner's sessions (§6.6), so sharing the cache across connections is safe.
+        key = (token, session.peer_user, service_path.split("/", 1)[0])
         now = time.monotonic()
         hit = cache.get(key)
         if hit is not None:
@@ -261,7 +282,7 @@ class Node:
                 return await asyncio.shield(hit[2])
         # Single flight: concurrent requests with the same token wait for one check.
         pending = session.loop.create_future()
-        if len(cache) >= 256:
+        if len(cache) >= 8192:
             cache.clear()
         cache[key] = (0.0, None, pending)
         try:
@@ -365,7 +386,7 @@ class Builtins:
             raise Unauthorized("invalid token") from None
         except StorageUnavailable as exc:
             raise Unavailable("database unavailable") from exc
-        session.token_cache.clear()
+        self.node.forget_token(stream.request.token)
         await writer.write({"expires_at": record.expires_at})
 
     async def revoke(self, session, stream, writer, user) -> None:
@@ -376,7 +397,7 @@ class Builtins:
             raise Unauthorized("invalid token") from None
         except StorageUnavailable as exc:
             raise Unavailable("database unavailable") from exc
-        session.token_cache.clear()
+        self.node.forget_token(target)
         await writer.write({"revoked": bool(done)})
 
     async def services(self, session, stream, writer, user) -> None:

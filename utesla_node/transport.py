@@ -263,8 +263,18 @@ class Session:
         self._reader_task = self.loop.create_task(self._read_loop())
         return self._reader_task
 
+    async def run(self) -> None:
+        """Like :meth:`start`, but the calling task becomes the read loop (one task
+        per connection instead of two, on the node's accept path)."""
+        self.conn.initiate(time.monotonic())
+        self._arm_timer()
+        self.flush()
+        self._reader_task = asyncio.current_task()
+        await self._read_loop()
+
     async def wait_ready(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(asyncio.shield(self.ready), timeout)
+        # The protocol's own handshake timer fails ``ready`` too; ``timeout`` may be shorter.
+        await asyncio.wait_for(self.ready, timeout)
 
     def _arm_timer(self) -> None:
         if self._timer is not None:
