@@ -55,12 +55,34 @@ def render(graph: dict, fmt: str) -> str:
     raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
 
 
+#: Box text: font size 12; a generous average glyph width for a sans-serif font at that size
+#: (Debian's DejaVu Sans averages about 6.5 px), and the longest line shown whole.
+_CHAR_PX = 7.5
+_MAX_CHARS = 44
+
+
+def _fit(text: str) -> str:
+    return text if len(text) <= _MAX_CHARS else text[:_MAX_CHARS - 1] + "\u2026"
+
+
+def _box_lines(n: dict) -> list[str]:
+    """What a node's box says.  Five lines fit: name, fingerprint and hops, then up to three
+    services (two and "+N more" when there are more); the box's tooltip has everything."""
+    services = ["/" + s for s in n["services"]]
+    if len(services) > 3:
+        services = services[:2] + [f"+{len(services) - 2} more"]
+    return [_fit(t) for t in [_label(n), f"{_short(n['id'])} \u00b7 hops {n['hops']}"] + services]
+
+
 def _svg(graph: dict) -> str:
     """Nodes in columns by hop distance; arrows for links.  No scripts, no external files."""
     cols: dict[int, list[dict]] = {}
     for n in graph["nodes"]:
         cols.setdefault(n["hops"], []).append(n)
-    w, h, gx, gy = 200, 90, 80, 30
+    lines = {n["id"]: _box_lines(n) for n in graph["nodes"]}
+    longest = max((len(t) for ls in lines.values() for t in ls), default=0)
+    # Boxes as wide as the longest line needs (one width for all: columns stay aligned).
+    w, h, gx, gy = max(200, round(16 + _CHAR_PX * longest)), 90, 80, 30
     pos = {}
     for c, items in sorted(cols.items()):
         for r, n in enumerate(items):
@@ -79,14 +101,12 @@ def _svg(graph: dict) -> str:
     for n in graph["nodes"]:
         x, y = pos[n["id"]]
         fill = "#dbeafe" if n.get("self") else "#f3f4f6"
+        tip = "\n".join([n.get("url") or n["id"], n["id"]] + ["/" + s for s in n["services"]])
         parts.append(f'<g class="node" data-id="{html.escape(n["id"])}" data-hops="{n["hops"]}">'
+                     f'<title>{html.escape(tip)}</title>'
                      f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="8" fill="{fill}" '
                      f'stroke="#333"/>')
-        lines = [_label(n), f"{_short(n['id'])} · hops {n['hops']}"] + \
-            ["/" + s for s in n["services"][:3]]
-        if len(n["services"]) > 3:
-            lines.append(f"+{len(n['services']) - 3} more")
-        for i, t in enumerate(lines[:5]):
+        for i, t in enumerate(lines[n["id"]]):
             weight = ' font-weight="bold"' if i == 0 else ""
             parts.append(f'<text x="{x + 8}" y="{y + 18 + i * 15}" font-size="12"{weight}>'
                          f'{html.escape(t)}</text>')

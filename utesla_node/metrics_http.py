@@ -16,6 +16,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["MetricsServer"]
 
 log = logging.getLogger("utesla.metrics")
+#: Seconds a client has to send its request line and headers; header lines read at most.
+HEAD_TIMEOUT = 5.0
+MAX_HEADERS = 100
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable",
             400: "Bad Request"}
 
@@ -47,14 +50,24 @@ class MetricsServer:
             return 503, f"database unavailable: {type(exc).__name__}\n"
         return 200, "ok\n"
 
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> str:
+        """The request line; the headers are read and ignored (at most MAX_HEADERS)."""
+        line = await reader.readline()
+        for _ in range(MAX_HEADERS):
+            h = await reader.readline()
+            if h in (b"\r\n", b"\n", b""):
+                return line.decode("latin-1")
+        raise ValueError("too many header lines")
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 5.0)
-            while True:  # skip headers
-                h = await asyncio.wait_for(reader.readline(), 5.0)
-                if h in (b"\r\n", b"\n", b""):
-                    break
-            parts = line.decode("latin-1").split()
+            try:
+                # One deadline for the whole head: a client trickling header lines cannot
+                # hold the connection open.
+                parts = (await asyncio.wait_for(self._read_head(reader), HEAD_TIMEOUT)).split()
+            except ValueError:        # a line over the reader's limit, or too many lines
+                parts = []
             if len(parts) < 2:
                 status, body, ctype = 400, "bad request\n", "text/plain"
             elif parts[0] != "GET":
