@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from protocol import Connection, Role, Settings
 from protocol.crypto import PrivateKey, PublicKey
-from protocol.errors import (BadRequest, ProtocolError, RequestTimeout, Status, StatusError,
+from protocol.errors import (AuthenticationFailed, HandshakeFailed, BadRequest, ProtocolError, RequestTimeout, Status, StatusError,
                              Unavailable, error_for_status)
 from protocol.messages import MAX_METHOD, MAX_PATH
 
@@ -173,6 +173,11 @@ class Client:
             except ConnectionLost as exc:
                 raise Unavailable(f"{self.host}:{self.port} closed the connection during "
                                   f"the handshake ({exc})") from None
+            except HandshakeFailed as exc:
+                if isinstance(exc, AuthenticationFailed) or exc.code != Status.UNAVAILABLE:
+                    raise
+                raise Unavailable(f"{self.host}:{self.port} cannot authenticate anyone right "
+                                  f"now (its database is unavailable)") from None
             self._session = session
             return session
 

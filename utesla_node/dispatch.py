@@ -190,7 +190,9 @@ class Dispatcher:
         if req.path not in LONG_LIVED:
             deadline = session.loop.call_later(timeout, on_deadline)
             stream.deadline = time.monotonic() + timeout
-        node.inflight += 1
+        long_lived = req.path in LONG_LIVED
+        if not long_lived:
+            node.inflight += 1
         error_id = None
         try:
             try:
@@ -223,8 +225,10 @@ class Dispatcher:
         finally:
             if deadline is not None:
                 deadline.cancel()
-            node.inflight -= 1
-            node.metrics.request(req.path, writer.status, time.monotonic() - t0)
+            if not long_lived:
+                node.inflight -= 1
+            node.metrics.request(req.path, writer.status, time.monotonic() - t0,
+                                 writer.forwarded)
             if log.isEnabledFor(logging.INFO):
                 log.info("%s %s %s -> %d %dB %.1fms", session.peer_user, req.method, req.path,
                          writer.status, writer.sent, (time.monotonic() - t0) * 1000)

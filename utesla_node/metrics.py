@@ -33,11 +33,17 @@ class Metrics:
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.latency: dict[str, _Histogram] = collections.defaultdict(_Histogram)
         self._service: dict[str, str] = {}
+        self.forwarded: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.other_latency: dict[str, _Histogram] = collections.defaultdict(_Histogram)
 
     def incr(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
 
-    def request(self, path: str, status: int, seconds: float) -> None:
+    def observe(self, name: str, seconds: float) -> None:
+        """A latency outside requests (e.g. ``handshake``)."""
+        self.other_latency[name].observe(seconds)
+
+    def request(self, path: str, status: int, seconds: float, forwarded: bool = False) -> None:
         service = self._service.get(path)
         if service is None:
             service = path.strip("/").split("/", 1)[0] or "/"
@@ -46,6 +52,8 @@ class Metrics:
         if len(self.requests) < 10000:
             self.requests[(service, status)] += 1
             self.latency[service].observe(seconds)
+            if forwarded:
+                self.forwarded[(service, status)] += 1
         self.counters["requests_total"] += 1
         if status >= 400:
             self.counters["requests_failed"] += 1
@@ -53,14 +61,40 @@ class Metrics:
     def snapshot(self) -> dict:
         return dict(self.counters)
 
-    def prometheus(self, gauges: dict | None = None) -> str:
+    def prometheus(self, gauges: dict | None = None, live: dict | None = None,
+                   labelled: list | None = None) -> str:
+        """Text exposition format.  ``gauges``: current values; ``live``: amounts to add
+        to counters (traffic of open connections); ``labelled``: (name, type, labels,
+        value) samples such as per-link figures."""
         out = []
         for name, value in sorted((gauges or {}).items()):
             out.append(f"# TYPE utesla_{name} gauge")
             out.append(f"utesla_{name} {value}")
-        for name, value in sorted(self.counters.items()):
+        counters = collections.Counter(self.counters)
+        counters.update(live or {})
+        for name, value in sorted(counters.items()):
             out.append(f"# TYPE utesla_{name} counter")
             out.append(f"utesla_{name} {value}")
+        declared = set()
+        for name, kind, labels, value in labelled or ():
+            if name not in declared:
+                declared.add(name)
+                out.append(f"# TYPE utesla_{name} {kind}")
+            lab = ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items())
+            out.append(f"utesla_{name}{{{lab}}} {value}")
+        out.append("# TYPE utesla_forwarded_service_requests counter")
+        for (svc, status), n in sorted(self.forwarded.items()):
+            out.append(f'utesla_forwarded_service_requests{{service="{_esc(svc)}",'
+                       f'status="{status}"}} {n}')
+        for name, h in sorted(self.other_latency.items()):
+            out.append(f"# TYPE utesla_{name}_seconds histogram")
+            acc = 0
+            for bound, c in zip(BUCKETS + (float("inf"),), h.counts):
+                acc += c
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                out.append(f'utesla_{name}_seconds_bucket{{le="{le}"}} {acc}')
+            out.append(f"utesla_{name}_seconds_sum {h.total}")
+            out.append(f"utesla_{name}_seconds_count {h.n}")
         out.append("# TYPE utesla_service_requests counter")
         for (svc, status), n in sorted(self.requests.items()):
             out.append(f'utesla_service_requests{{service="{_esc(svc)}",status="{status}"}} {n}')

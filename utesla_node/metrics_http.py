@@ -74,7 +74,7 @@ class MetricsServer:
                 status, body, ctype = 405, "only GET\n", "text/plain"
             elif parts[1].split("?")[0] == "/metrics":
                 status, ctype = 200, "text/plain; version=0.0.4; charset=utf-8"
-                body = self.node.metrics.prometheus(self.node.gauges())
+                body = self.node.prometheus()
             elif parts[1].split("?")[0] == "/healthz":
                 status, body = await self._health()
                 ctype = "text/plain"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from protocol import Connection, Role, Settings
 from protocol.crypto import KeyFormatError, PublicKey
-from protocol.errors import (BadRequest, Forbidden, MethodNotAllowed, NotFound, Status,
+from protocol.errors import (BadRequest, Forbidden, MethodNotAllowed, NotFound, RemoteProtocolError,
+                             Status,
                              StatusError, TooLarge, Unauthorized, Unavailable)
 
 from . import __version__, auth
@@ -95,6 +96,21 @@ class Node:
             self.metrics_server = MetricsServer(self, cfg.metrics_listen)
             await self.metrics_server.start()
         self._status_task = loop.create_task(self._write_status_loop(), name="status file")
+
+    def prometheus(self) -> str:
+        """The metrics page: counters, gauges, per-link figures, live traffic."""
+        live = {"bytes_in": sum(x.bytes_in for x in self.sessions),
+                "bytes_out": sum(x.bytes_out for x in self.sessions)}
+        labelled = []
+        if self.network is not None:
+            for link in self.network.links.values():
+                lab = {"peer": link.peer.url}
+                labelled.append(("link_up", "gauge", lab, int(link.up)))
+                labelled.append(("link_rtt_seconds", "gauge", lab,
+                                 link.rtt if link.rtt is not None else "NaN"))
+                labelled.append(("link_forwarded_requests", "counter", lab, link.forwarded))
+                labelled.append(("link_inflight", "gauge", lab, link.inflight))
+        return self.metrics.prometheus(self.gauges(), live, labelled)
 
     def gauges(self) -> dict:
         """Current values for the metrics endpoint."""
@@ -207,6 +223,13 @@ class Node:
         self.sessions.add(session)
         self._per_ip[ip] += 1
         self.metrics.incr("connections_accepted")
+        t0 = time.monotonic()
+
+        def established(_session) -> None:
+            self.metrics.incr("handshakes_ok")
+            self.metrics.observe("handshake", time.monotonic() - t0)
+
+        session.on_established = established
         try:
             await session.run()         # this task is the session's reader
         finally:
@@ -214,10 +237,13 @@ class Node:
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
-            if session.conn.peer_user is not None:     # authenticated at some point
-                self.metrics.incr("handshakes_ok")
-            else:
+            if session.conn.peer_user is None:
                 self.metrics.incr("handshakes_failed")
+            if isinstance(session.close_reason, RemoteProtocolError) and \
+                    session.conn.peer_user is not None:
+                self.metrics.incr("rejected_frames")     # bad record, MAC, framing...
+            self.metrics.incr("bytes_in", session.bytes_in)
+            self.metrics.incr("bytes_out", session.bytes_out)
             try:
                 await session.wait_closed()
             except Exception:  # pragma: no cover
@@ -424,4 +450,4 @@ class Builtins:
         }
 
     async def metrics(self, session, stream, writer, user) -> None:
-        await writer.write(self.node.metrics.prometheus(self.node.gauges()).encode())
+        await writer.write(self.node.prometheus().encode())

@@ -237,6 +237,7 @@ class Session:
         self._drain_lock = asyncio.Lock()
         self._pongs: collections.deque[asyncio.Future] = collections.deque()
         self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.on_established: Callable[["Session"], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reader_task: asyncio.Task | None = None
         set_nodelay(writer)
@@ -378,6 +379,8 @@ class Session:
                 await self._handle_events(more)
             elif t is HandshakeCompleted:
                 self._arm_timer()
+                if self.on_established is not None:
+                    self.on_established(self)
                 if not self.ready.done():
                     self.ready.set_result(ev)
             elif t is PongReceived:

@@ -1,10 +1,11 @@
 """SQLite backend: the zero-set-up default.
 
-``sqlite3`` is a blocking library, so every call runs on **one dedicated worker thread** per
-storage (a one-worker executor) that owns the connection.  The event loop only awaits futures;
-a slow disk or a lock held by ``utesla-cli`` in another process never stalls request handling.
-One thread also means one connection and strictly ordered operations, which is all the
-concurrency an embedded node needs.
+``sqlite3`` is a blocking library, so every call runs on a **dedicated worker thread** (a
+one-worker executor) that owns its connection: one for writes, strictly ordered, and one for
+reads (``:memory:`` has only the first: a second connection would be another database).  The
+event loop only awaits futures; a slow disk or a lock held by ``utesla-cli`` in another process
+never stalls request handling, and a write waiting out the busy timeout for such a lock does
+not hold up the token checks queued behind it, since WAL lets them read meanwhile.
 
 Settings, and why:
 
@@ -176,28 +177,36 @@ class SQLiteStorage(Storage):
         self.busy_timeout_ms = busy_timeout_ms
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._reader_conn: sqlite3.Connection | None = None
 
     def __repr__(self) -> str:
         return f"<SQLiteStorage {self.path!r}{'' if self._executor else ' closed'}>"
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` on the worker thread, translating driver errors there."""
-        executor = self._executor
+    async def _run(self, fn: Callable[..., T], *args: Any, write: bool = False) -> T:
+        """Run ``fn(conn, *args)`` on a worker thread, translating driver errors there.
+
+        Reads go to the reader connection when there is one; ``write`` selects the writer.
+        """
+        reader = not write and self._reader is not None
+        executor = self._reader if reader else self._executor
         if executor is None:
             raise StorageUnavailable("storage is not open")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(executor, functools.partial(self._call, fn, *args))
+            return await loop.run_in_executor(
+                executor, functools.partial(self._call, reader, fn, *args)
+            )
         except RuntimeError as exc:
             # The executor was shut down by a concurrent close().
-            if executor is not self._executor:
+            if executor is not (self._reader if reader else self._executor):
                 raise StorageUnavailable("storage is closed") from exc
             raise
 
-    def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        conn = self._conn
+    def _call(self, reader: bool, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._reader_conn if reader else self._conn
         if conn is None:
             raise StorageUnavailable("storage is closed")
         return _translated(fn, conn, *args)
@@ -208,7 +217,7 @@ class SQLiteStorage(Storage):
         The whole transaction happens in one worker call, so cancelling the awaiting task can
         never leave a transaction half-done or open.
         """
-        return await self._run(self._in_transaction, fn, *args)
+        return await self._run(self._in_transaction, fn, *args, write=True)
 
     @staticmethod
     def _in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
@@ -237,6 +246,17 @@ class SQLiteStorage(Storage):
         except BaseException:
             executor.shutdown(wait=False)
             raise
+        if self.path != ":memory:":
+            # Opened after the writer has checked and migrated the schema.
+            reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="utesla-sqlite-read")
+            try:
+                self._reader_conn = await loop.run_in_executor(reader, self._open_reader)
+            except BaseException:
+                reader.shutdown(wait=False)
+                self._close_sync()
+                executor.shutdown(wait=False)
+                raise
+            self._reader = reader
         self._executor = executor
 
     def _open_sync(self) -> sqlite3.Connection:
@@ -257,6 +277,19 @@ class SQLiteStorage(Storage):
         )
         try:
             _translated(self._setup, conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = _translated(
+            sqlite3.connect, self.path, timeout=self.busy_timeout_ms / 1000,
+            isolation_level=None, check_same_thread=False,
+        )
+        try:
+            _translated(conn.execute, f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            _translated(conn.execute, "PRAGMA query_only = ON")
         except BaseException:
             conn.close()
             raise
@@ -302,14 +335,25 @@ class SQLiteStorage(Storage):
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None
+        reader, self._reader = self._reader, None
         if executor is None:
             return
         loop = asyncio.get_running_loop()
         try:
             # Queued behind any operation still running, so those finish first.
+            if reader is not None:
+                try:
+                    await loop.run_in_executor(reader, self._close_reader_sync)
+                finally:
+                    reader.shutdown(wait=False)
             await loop.run_in_executor(executor, self._close_sync)
         finally:
             executor.shutdown(wait=False)
+
+    def _close_reader_sync(self) -> None:
+        conn, self._reader_conn = self._reader_conn, None
+        if conn is not None:
+            conn.close()
 
     def _close_sync(self) -> None:
         conn, self._conn = self._conn, None
