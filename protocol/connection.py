@@ -611,6 +611,11 @@ class Connection:
         every stream on it, so a bad path, method, token, header or status from one
         caller is refused here, as our error, before any state changes (SPEC.md §6).
         """
+        if type(msg) is m.Response and not msg.headers:
+            # The common answer: nothing in it the peer could refuse but the status.
+            if not 0 <= msg.status <= 999:
+                raise LocalProtocolError(f"status {msg.status} out of range 0..999")
+            return self._fits(pack(m.to_map(msg)))
         try:
             wire = m.to_map(msg)
             m.decode(wire)

@@ -62,3 +62,5 @@ def procs():
         if p.proc is not None and p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
+        if p.proc is not None and p.proc.stdout is not None:
+            p.proc.stdout.close()
