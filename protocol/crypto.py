@@ -72,10 +72,10 @@ def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
     """
     if length > 255 * 32:
         raise ValueError("HKDF-SHA256 output is at most 8160 bytes")
-    prk = _hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+    prk = _hmac.digest(salt or bytes(32), ikm, "sha256")       # one-shot C HMAC
     out, block, counter = b"", b"", 1
     while len(out) < length:
-        block = _hmac.new(prk, block + info + bytes((counter,)), hashlib.sha256).digest()
+        block = _hmac.digest(prk, block + info + bytes((counter,)), "sha256")
         out += block
         counter += 1
     return out[:length]
