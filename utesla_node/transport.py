@@ -423,6 +423,10 @@ class Session:
                 # all): tell the peer to stop sending, and free the stream.
                 self.conn.reset_stream(s.id, Status.CANCELLED, "stream ended by the node")
                 self.schedule_flush()
+            if len(self.tasks) <= 1 and self._flush_handle is not None:
+                # The only request in flight is done: nothing else could join this
+                # write, so send it now rather than one event-loop turn later.
+                self.flush()
 
     # -------------------------------------------------------------- sending
 
