@@ -1,7 +1,7 @@
 """W1 (1 and 64 in flight on ONE connection) and W2 for utesla-node, with the floor
 (and Pyro5, when importable) measured in the same run.  DESIGN.md §5.
 
-    python bench/bench_node.py --quick             # D=2 s, 3 rounds: about 1.5 min
+    python bench/bench_node.py --quick             # D=2 s, 3 rounds: about 2 min
     python bench/bench_node.py --repeat 5          # D=5 s
     python bench/bench_node.py --profile DIR       # + cProfile of the node per workload
     python bench/bench_node.py --patch what_if.py  # run a file in the node and client

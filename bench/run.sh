@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the shared peer benchmark (../shared/bench/peers) with utesla-node as one more peer.
 #
-#   bash bench/run.sh --quick                      # D=2 s, 16 MiB bulk: about 2 min
+#   bash bench/run.sh --quick                      # D=2 s, 16 MiB bulk: 2+ min (waits for quiet)
 #   bash bench/run.sh --repeat 3                   # full, 3 rounds (medians + spread)
 #   bash bench/run.sh --quick --peers floor,pyro5 --workloads hello,connect
 #
