@@ -38,6 +38,11 @@ READ_SIZE = 256 * 1024
 SMALL_HEAD = 16384
 #: Seconds a closed connection may spend flushing its last bytes before it is cut.
 CLOSE_LINGER = 5.0
+#: Largest body piece per DATA message (records of several such pieces cost copies and
+#: cache misses, and the peer can only start on a record once all of it has arrived).
+BODY_PIECE = 256 * 1024
+#: A body piece at least this large is sealed and written at once, not at the turn's end.
+FLUSH_NOW = 65536
 
 
 class ConnectionLost(Unavailable):
@@ -178,14 +183,20 @@ class Stream:
             credit = await self._wait_credit() if view else 0
             if view:
                 await session.drain_if_needed()
-            n = min(len(view), credit, max_chunk)
+            # Pieces of at most half the peer's window: while it reads one, the credit it
+            # returns lets the next go, so both sides work at once instead of in turns.
+            n = min(len(view), credit, max_chunk,
+                    max(16384, min(BODY_PIECE, session.conn.peer_window // 2)))
             last = end and n == len(view)
             try:
                 session.conn.send_data(self.id, view[:n], last)
             except LocalProtocolError as exc:
                 raise self._error or ConnectionLost(str(exc)) from exc
             view = view[n:]
-            session.schedule_flush()
+            if n >= FLUSH_NOW:
+                session.flush()     # a record of its own, written now: the peer starts on it
+            else:
+                session.schedule_flush()
             if last:
                 self._sent_end = True
                 return
