@@ -1,10 +1,12 @@
 """W4 (bulk) and W6 (idle connections) of DESIGN.md §5 for utesla-node, with the no-crypto
 floor's bulk figure measured in the same run.
 
-    python bench/bench_bulk.py              # full: 1 GiB x3, 4 GiB, 10,000 connections (~4 min)
-    python bench/bench_bulk.py --quick      # 256 MiB x1, no 4 GiB, 2,000 connections (< 90 s)
+    python bench/bench_bulk.py           # full: 1 GiB x3, 4 GiB, 10,000 connections (3-5 min)
+    python bench/bench_bulk.py --quick   # 256 MiB x1, no 4 GiB, 2,000 connections (~35 s)
     python bench/bench_bulk.py --quick --big --conns 10000     # mix and match
-    python bench/bench_bulk.py --profile DIR     # + py-spy flame graphs of the node (W4 direct)
+    python bench/bench_bulk.py --profile DIR   # + py-spy profiles of the node (W4 direct)
+    python bench/bench_bulk.py --client-window 1048576 --node-window 1048576   # what-ifs;
+    python bench/bench_bulk.py --patch what_if.py   # and a file run first in every process
 
 Processes: every node is a real ``utesla-node`` (uvloop) started in a temporary folder and
 pinned to CPU 0 (``--node-cpus``); this process is the client and pins itself to CPU 1
