@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import socket
 import time
 from typing import Awaitable, Callable
 
@@ -30,7 +29,7 @@ from protocol.events import (AuthenticationRequested, ConnectionClosed, DataRece
                              GoAwayReceived, HandshakeCompleted, PongReceived,
                              RequestReceived, ResponseReceived, StreamReset, WindowUpdated)
 
-__all__ = ["Session", "Stream", "ConnectionLost", "set_nodelay", "READ_SIZE"]
+__all__ = ["Session", "Stream", "ConnectionLost", "READ_SIZE"]
 
 log = logging.getLogger("utesla.transport")
 READ_SIZE = 256 * 1024
@@ -47,15 +46,6 @@ FLUSH_NOW = 65536
 
 class ConnectionLost(Unavailable):
     """The session ended before this stream finished."""
-
-
-def set_nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # pragma: no cover
-            pass
 
 
 class Stream:

@@ -235,6 +235,28 @@ def valid_hash(value: object) -> bool:
 
 # --------------------------------------------------------------------------- the interface
 
+# Rows in the column order both backends select (name, password_hash, public_key, ...).
+
+def user_from_row(row: tuple) -> User:
+    return User(
+        name=row[0], password_hash=row[1], public_key=row[2], token_limit=row[3],
+        guest=bool(row[4]), scopes=decode_scopes(row[5]), created_at=row[6],
+    )
+
+
+def token_from_row(row: tuple) -> Token:
+    return Token(
+        token_hash=bytes(row[0]), user=row[1], created_at=row[2], expires_at=row[3],
+        scopes=decode_scopes(row[4]), revoked=bool(row[5]),
+    )
+
+
+def peer_from_row(row: tuple) -> Peer:
+    return Peer(
+        url=row[0], public_key=row[1], user=row[2], token=row[3], priority=row[4],
+        created_at=row[5],
+    )
+
 class Storage(abc.ABC):
     """Asynchronous persistence for users, tokens and peers.
 

@@ -36,7 +36,8 @@ from pymysql.constants import CLIENT
 from .base import (
     MAX_NAME_LEN, MAX_URL_LEN, SCHEMA_VERSION, AlreadyExists, NoSuchEntry, Peer, SchemaTooNew,
     Storage, StorageError, StorageUnavailable, Token, TokenLimitReached, User, check_int32,
-    check_time, decode_scopes, encode_scopes, valid_hash, valid_key,
+    check_time, encode_scopes, peer_from_row, token_from_row, user_from_row, valid_hash,
+    valid_key,
 )
 
 __all__ = ["MariaDBStorage", "build_ssl_context"]
@@ -160,26 +161,6 @@ def build_ssl_context(
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
-
-def _user(row: tuple[Any, ...]) -> User:
-    return User(
-        name=row[0], password_hash=row[1], public_key=row[2], token_limit=row[3],
-        guest=bool(row[4]), scopes=decode_scopes(row[5]), created_at=row[6],
-    )
-
-
-def _token(row: tuple[Any, ...]) -> Token:
-    return Token(
-        token_hash=bytes(row[0]), user=row[1], created_at=row[2], expires_at=row[3],
-        scopes=decode_scopes(row[4]), revoked=bool(row[5]),
-    )
-
-
-def _peer(row: tuple[Any, ...]) -> Peer:
-    return Peer(
-        url=row[0], public_key=row[1], user=row[2], token=row[3], priority=row[4],
-        created_at=row[5],
-    )
 
 
 class MariaDBStorage(Storage):
@@ -409,14 +390,14 @@ class MariaDBStorage(Storage):
             return row
 
         row = await self._read(get)
-        return _user(row) if row else None
+        return user_from_row(row) if row else None
 
     async def list_users(self) -> list[User]:
         async def list_(cur: Cursor) -> list[tuple[Any, ...]]:
             await cur.execute(f"SELECT {_USER_COLS} FROM users ORDER BY name")
             return list(await cur.fetchall())
 
-        return [_user(row) for row in await self._read(list_)]
+        return [user_from_row(row) for row in await self._read(list_)]
 
     async def delete_user(self, name: str) -> bool:
         if not valid_key(name, MAX_NAME_LEN):
@@ -497,7 +478,7 @@ class MariaDBStorage(Storage):
             return row
 
         row = await self._read(get)
-        return _token(row) if row else None
+        return token_from_row(row) if row else None
 
     async def list_tokens(self, user: str) -> list[Token]:
         if not valid_key(user, MAX_NAME_LEN):
@@ -511,7 +492,7 @@ class MariaDBStorage(Storage):
             )
             return list(await cur.fetchall())
 
-        return [_token(row) for row in await self._read(list_)]
+        return [token_from_row(row) for row in await self._read(list_)]
 
     async def _rowcount(self, sql: str, args: tuple[Any, ...]) -> int:
         async def run(cur: Cursor) -> int:
@@ -587,14 +568,14 @@ class MariaDBStorage(Storage):
             return row
 
         row = await self._read(get)
-        return _peer(row) if row else None
+        return peer_from_row(row) if row else None
 
     async def list_peers(self) -> list[Peer]:
         async def list_(cur: Cursor) -> list[tuple[Any, ...]]:
             await cur.execute(f"SELECT {_PEER_COLS} FROM peers ORDER BY priority, url")
             return list(await cur.fetchall())
 
-        return [_peer(row) for row in await self._read(list_)]
+        return [peer_from_row(row) for row in await self._read(list_)]
 
     async def delete_peer(self, url: str) -> bool:
         if not valid_key(url, MAX_URL_LEN):

@@ -35,7 +35,8 @@ from typing import Any, TypeVar
 from .base import (
     MAX_NAME_LEN, MAX_URL_LEN, SCHEMA_VERSION, AlreadyExists, NoSuchEntry, Peer, SchemaTooNew,
     Storage, StorageError, StorageUnavailable, Token, TokenLimitReached, User, check_int32,
-    check_time, decode_scopes, encode_scopes, valid_hash, valid_key,
+    check_time, encode_scopes, peer_from_row, token_from_row, user_from_row, valid_hash,
+    valid_key,
 )
 
 __all__ = ["SQLiteStorage"]
@@ -142,26 +143,6 @@ def _translated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             raise
         raise translated from exc
 
-
-def _user(row: tuple[Any, ...]) -> User:
-    return User(
-        name=row[0], password_hash=row[1], public_key=row[2], token_limit=row[3],
-        guest=bool(row[4]), scopes=decode_scopes(row[5]), created_at=row[6],
-    )
-
-
-def _token(row: tuple[Any, ...]) -> Token:
-    return Token(
-        token_hash=bytes(row[0]), user=row[1], created_at=row[2], expires_at=row[3],
-        scopes=decode_scopes(row[4]), revoked=bool(row[5]),
-    )
-
-
-def _peer(row: tuple[Any, ...]) -> Peer:
-    return Peer(
-        url=row[0], public_key=row[1], user=row[2], token=row[3], priority=row[4],
-        created_at=row[5],
-    )
 
 
 class SQLiteStorage(Storage):
@@ -398,13 +379,13 @@ class SQLiteStorage(Storage):
                 f"SELECT {_USER_COLS} FROM users WHERE name = ?", (name,)
             ).fetchone()
         )
-        return _user(row) if row else None
+        return user_from_row(row) if row else None
 
     async def list_users(self) -> list[User]:
         rows = await self._run(
             lambda conn: conn.execute(f"SELECT {_USER_COLS} FROM users ORDER BY name").fetchall()
         )
-        return [_user(row) for row in rows]
+        return [user_from_row(row) for row in rows]
 
     async def delete_user(self, name: str) -> bool:
         if not valid_key(name, MAX_NAME_LEN):
@@ -469,7 +450,7 @@ class SQLiteStorage(Storage):
                 f"SELECT {_TOKEN_COLS} FROM tokens WHERE token_hash = ?", (bytes(token_hash),)
             ).fetchone()
         )
-        return _token(row) if row else None
+        return token_from_row(row) if row else None
 
     async def list_tokens(self, user: str) -> list[Token]:
         if not valid_key(user, MAX_NAME_LEN):
@@ -481,7 +462,7 @@ class SQLiteStorage(Storage):
                 (user,),
             ).fetchall()
         )
-        return [_token(row) for row in rows]
+        return [token_from_row(row) for row in rows]
 
     async def revoke_token(self, token_hash: bytes) -> bool:
         if not valid_hash(token_hash):
@@ -560,7 +541,7 @@ class SQLiteStorage(Storage):
                 f"SELECT {_PEER_COLS} FROM peers WHERE url = ?", (url,)
             ).fetchone()
         )
-        return _peer(row) if row else None
+        return peer_from_row(row) if row else None
 
     async def list_peers(self) -> list[Peer]:
         rows = await self._run(
@@ -568,7 +549,7 @@ class SQLiteStorage(Storage):
                 f"SELECT {_PEER_COLS} FROM peers ORDER BY priority, url"
             ).fetchall()
         )
-        return [_peer(row) for row in rows]
+        return [peer_from_row(row) for row in rows]
 
     async def delete_peer(self, url: str) -> bool:
         if not valid_key(url, MAX_URL_LEN):
