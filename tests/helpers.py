@@ -7,6 +7,7 @@ node and client it creates is closed when the test ends.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+
+import pytest
 
 from protocol.crypto import PrivateKey
 from utesla_node import auth
@@ -510,3 +513,26 @@ class SlowReaderProxy:
             t.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+
+
+# --------------------------------------------------------------------------- shared fixtures
+# Imported by tests/network/conftest.py and tests/transfer/conftest.py.
+
+@pytest.fixture(autouse=True)
+def no_asyncio_errors(caplog):
+    """Fail a test whose nodes left asyncio errors behind (a task exception never
+    retrieved, a callback that raised): they are bugs even when the test passed."""
+    yield
+    bad = [r for when in ("setup", "call", "teardown") for r in caplog.get_records(when)
+           if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert not bad, "\n".join(r.getMessage() for r in bad)
+
+
+@pytest.fixture
+async def net(tmp_path):
+    """A :class:`Net` of nodes in ``tmp_path``, all stopped when the test ends."""
+    n = Net(tmp_path)
+    try:
+        yield n
+    finally:
+        await n.close()

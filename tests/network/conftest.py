@@ -12,27 +12,4 @@ under that name at a time).
 """
 from __future__ import annotations
 
-import logging
-
-import pytest
-
-from helpers import Net
-
-
-@pytest.fixture(autouse=True)
-def no_asyncio_errors(caplog):
-    """Fail a test whose nodes left asyncio errors behind (a task exception never
-    retrieved, a callback that raised): they are bugs even when the test passed."""
-    yield
-    bad = [r for when in ("setup", "call", "teardown") for r in caplog.get_records(when)
-           if r.name == "asyncio" and r.levelno >= logging.ERROR]
-    assert not bad, "\n".join(r.getMessage() for r in bad)
-
-
-@pytest.fixture
-async def net(tmp_path):
-    n = Net(tmp_path)
-    try:
-        yield n
-    finally:
-        await n.close()
+from helpers import net, no_asyncio_errors  # noqa: F401

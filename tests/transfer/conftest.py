@@ -5,24 +5,14 @@ Tests marked ``big`` move 256 MiB or more each: ``-m "not big"`` skips them.
 """
 from __future__ import annotations
 
-import logging
 
 import pytest
 
-from helpers import Net, NodeHarness, NodeProcess
+from helpers import NodeHarness, NodeProcess, net, no_asyncio_errors  # noqa: F401
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "big: moves 256 MiB or more (skip with -m 'not big')")
-
-
-@pytest.fixture(autouse=True)
-def no_asyncio_errors(caplog):
-    """Fail a test that left asyncio errors behind (a task exception never retrieved)."""
-    yield
-    bad = [r for when in ("setup", "call", "teardown") for r in caplog.get_records(when)
-           if r.name == "asyncio" and r.levelno >= logging.ERROR]
-    assert not bad, "\n".join(r.getMessage() for r in bad)
 
 
 @pytest.fixture
@@ -42,15 +32,6 @@ async def make_node(tmp_path):
     yield make
     for h in made:
         await h.stop()
-
-
-@pytest.fixture
-async def net(tmp_path):
-    n = Net(tmp_path)
-    try:
-        yield n
-    finally:
-        await n.close()
 
 
 @pytest.fixture
