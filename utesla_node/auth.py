@@ -46,7 +46,7 @@ from .storage import Storage, StorageError, Token, User
 
 __all__ = [
     "PASSWORD_MAX", "TOKEN_PREFIX", "SCOPE_MAX_LEN", "SCOPES_MAX", "DEFAULT_TOKEN_EXPIRE",
-    "Unauthorized", "Forbidden", "MalformedToken",
+    "INVALID_TOKEN", "Unauthorized", "Forbidden", "MalformedToken",
     "hash_password", "verify_password", "needs_rehash", "dummy_verify", "set_scrypt_cost",
     "new_token", "token_hash", "validate_scopes", "scope_allows", "normalise_path",
     "Authority",
@@ -82,7 +82,7 @@ _SCOPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 _INVALID_CREDENTIALS = "invalid user name or password"
-_INVALID_TOKEN = "invalid or expired token"
+INVALID_TOKEN = "invalid or expired token"
 
 
 # --------------------------------------------------------------------------- exceptions
@@ -493,31 +493,31 @@ class Authority:
         """The stored, live token ``token`` of ``session_user``, or :class:`Unauthorized`."""
         if not token:
             log.debug("token check failed: no token")
-            raise Unauthorized(_INVALID_TOKEN)
+            raise Unauthorized(INVALID_TOKEN)
         try:
             digest = token_hash(token)
         except MalformedToken:
             log.debug("token check failed: malformed token")
-            raise Unauthorized(_INVALID_TOKEN) from None
+            raise Unauthorized(INVALID_TOKEN) from None
         record = await self.storage.get_token(digest)
         if record is None:
             log.debug("token check failed: unknown token")
-            raise Unauthorized(_INVALID_TOKEN)
+            raise Unauthorized(INVALID_TOKEN)
         if record.user != session_user:
             # Tokens are bound to the key that authenticated the session: a stolen token is
             # useless without its owner's private key.
             log.warning("token of user %r presented on a session of %r", record.user, session_user)
-            raise Unauthorized(_INVALID_TOKEN)
+            raise Unauthorized(INVALID_TOKEN)
         if record.revoked:
             log.debug("token check failed: revoked token of %r", record.user)
-            raise Unauthorized(_INVALID_TOKEN)
+            raise Unauthorized(INVALID_TOKEN)
         if self.clock() >= record.expires_at:
             log.debug("token check failed: expired token of %r", record.user)
             try:
                 await self.storage.delete_token(digest)
             except StorageError as exc:  # clean-up is best effort; the answer stands
                 log.debug("could not delete expired token: %s", exc)
-            raise Unauthorized(_INVALID_TOKEN)
+            raise Unauthorized(INVALID_TOKEN)
         return record
 
     async def check_token(self, token: str, session_user: str, service_path: str) -> User:
@@ -527,22 +527,35 @@ class Authority:
         token (one message for all); :class:`Forbidden` when the token's scopes, or the
         user's own scopes (``*`` unless the admin limited them), do not allow the path.
         """
+        record, user = await self.resolve(token, session_user)
+        self.allow(record, user, service_path)
+        return user
+
+    async def resolve(self, token: str, session_user: str) -> tuple[Token, User]:
+        """The live token record and its user (the storage part of :meth:`check_token`);
+        :class:`Unauthorized` as there.  What it returns may be cached for a short while:
+        the decision for each path is :meth:`allow`'s, made every time."""
         record = await self._live_token(token, session_user)
         user = await self.storage.get_user(record.user)
         if user is None:
-            raise Unauthorized(_INVALID_TOKEN)
+            raise Unauthorized(INVALID_TOKEN)
+        return record, user
+
+    @staticmethod
+    def allow(record: Token, user: User, service_path: str) -> None:
+        """:class:`Forbidden` unless both the token's scopes and the user's own (``*`` for
+        ordinary users) allow ``service_path``.  Pure; no storage."""
         if not scope_allows(record.scopes, service_path):
             raise Forbidden(f"token does not allow {service_path!r}")
-        if not scope_allows(user.scopes, service_path):   # "*" for ordinary users
+        if not scope_allows(user.scopes, service_path):
             raise Forbidden(f"user {user.name!r} may not use {service_path!r}")
-        return user
 
     async def renew(self, token: str, session_user: str) -> Token:
         """Extend a live token of ``session_user`` to ``token_expire`` seconds from now."""
         record = await self._live_token(token, session_user)
         expires_at = self.clock() + self.token_expire
         if not await self.storage.renew_token(record.token_hash, expires_at):
-            raise Unauthorized(_INVALID_TOKEN)  # revoked or deleted meanwhile
+            raise Unauthorized(INVALID_TOKEN)  # revoked or deleted meanwhile
         return replace(record, expires_at=expires_at)
 
     async def revoke(self, token: str, session_user: str) -> bool:
@@ -552,14 +565,14 @@ class Authority:
         to do).  :class:`Unauthorized` if it is malformed, unknown or someone else's.
         """
         if not token:
-            raise Unauthorized(_INVALID_TOKEN)
+            raise Unauthorized(INVALID_TOKEN)
         try:
             digest = token_hash(token)
         except MalformedToken:
-            raise Unauthorized(_INVALID_TOKEN) from None
+            raise Unauthorized(INVALID_TOKEN) from None
         record = await self.storage.get_token(digest)
         if record is None or record.user != session_user:
-            raise Unauthorized(_INVALID_TOKEN)
+            raise Unauthorized(INVALID_TOKEN)
         if not record.is_live(self.clock()):
             return False
         return await self.storage.revoke_token(digest)

@@ -298,29 +298,40 @@ class Node:
         cache = self._token_cache
         # The session's user is part of the key: a token is only ever valid on its
         # owner's sessions (§6.6), so sharing the cache across connections is safe.
-        key = (token, session.peer_user, service_path.split("/", 1)[0])
+        # What is cached is the token's record and user, never a decision: the scopes
+        # are checked against each request's own path (a token for ``files/public``
+        # must not open ``files/private`` because it was just used for the former).
+        key = (token, session.peer_user)
         now = time.monotonic()
         hit = cache.get(key)
-        if hit is not None:
-            if hit[0] > now:
-                return hit[1]
-            if hit[2] is not None:          # a check for this key is running: share it
-                return await asyncio.shield(hit[2])
-        # Single flight: concurrent requests with the same token wait for one check.
+        if hit is not None and hit[0] > now and hit[1][0].expires_at > self.authority.clock():
+            record, user, unrestricted = hit[1]
+        elif hit is not None and hit[2] is not None:   # a check for this key is running
+            record, user, unrestricted = await asyncio.shield(hit[2])
+        else:       # not cached, stale, or expired while cached (renewed elsewhere?): ask
+            record, user, unrestricted = await self._resolve_token(cache, key, token, session,
+                                                                   now)
+        if not unrestricted:
+            try:
+                auth.Authority.allow(record, user, service_path)
+            except auth.Forbidden as exc:
+                raise Forbidden(str(exc)) from None
+        return user
+
+    async def _resolve_token(self, cache: dict, key: tuple, token: str | None,
+                             session: Session, now: float) -> tuple:
+        # Single flight: concurrent requests with the same token wait for one lookup.
         pending = session.loop.create_future()
         if len(cache) >= 8192:
             cache.clear()
         cache[key] = (0.0, None, pending)
         try:
-            user = await self.authority.check_token(token or "", session.peer_user or "",
-                                                    service_path)
+            found = await self.authority.resolve(token or "", session.peer_user or "")
         except BaseException as exc:
             cache.pop(key, None)
             if isinstance(exc, auth.Unauthorized):
                 self.metrics.incr("auth_failures")
                 err = Unauthorized(str(exc))
-            elif isinstance(exc, auth.Forbidden):
-                err = Forbidden(str(exc))
             elif isinstance(exc, StorageUnavailable):
                 err = Unavailable("database unavailable")
             else:
@@ -330,9 +341,11 @@ class Node:
             if err is exc:
                 raise
             raise err from None
-        cache[key] = (now + self.config.token_cache_ttl, user, None)
-        pending.set_result(user)
-        return user
+        record, user = found
+        found = (record, user, record.scopes == ("*",) and user.scopes == ("*",))
+        cache[key] = (now + self.config.token_cache_ttl, found, None)
+        pending.set_result(found)
+        return found
 
 
 class Builtins:

@@ -165,6 +165,28 @@ async def test_blog_second_scenario_through_the_console_scripts(tmp_path):
                               text=True, timeout=60)
         assert gone.returncode == 0 and "hello friend" not in gone.stdout
 
+        # Linked again with --wait: the command returns once the running node has the link
+        # up and the peer's table, so the very next command already sees the route.
+        again = cli("add_network", url2, "-s", "../second/keys/key.pub", "-p", "keys/key.pub",
+                    "-P", "keys/key.priv", "-u", "utesla", "-t", token, "--wait", cwd=first)
+        assert f"link to {url2} is up; 1 route(s) learned" in again.stdout, again.stdout
+        assert routed() and listed()
+
+        # --wait on a link that cannot come up (an account that may check the peer but not
+        # subscribe to its routes): exit 1 after the timeout, naming the link's last error.
+        run_cli("add", "-u", "narrow", "-p", "narrow-pw", "-i", "../first/keys/key.pub",
+                "--guest", "--scope", "_node/net/status", cwd=second)
+        narrow = run_cli("generate_token", url2, "-u", "narrow", "-p", "narrow-pw",
+                         "-s", "keys/key.pub", "-i", "../first/keys/key.pub",
+                         "-I", "../first/keys/key.priv", cwd=second).stdout.strip()
+        stuck = cli("add_network", url2, "-s", "../second/keys/key.pub", "-p", "keys/key.pub",
+                    "-P", "keys/key.priv", "-u", "narrow", "-t", narrow, "--overwrite",
+                    "--wait", "--wait-timeout", "3", cwd=first, check=False)
+        assert stuck.returncode == 1, stuck.stdout + stuck.stderr
+        assert f"error: link to {url2} not up after 3 s" in stuck.stderr, stuck.stderr
+        assert "refused the gossip subscription" in stuck.stderr, stuck.stderr
+        cli("del_network", url2, cwd=first)
+
         for out in outputs:
             assert token not in out
         assert n1.stop() == 0 and n2.stop() == 0

@@ -124,6 +124,27 @@ async def test_guest_user_outside_scopes_is_403(make_node):
         await g.get("/countdown")
 
 
+async def test_a_cached_token_is_checked_against_each_path_not_its_first_segment(make_node):
+    # The node caches what a token is (its user and scopes), never "allowed for /x": a token
+    # scoped to one path under a prefix must not open a sibling path because it was just used.
+    h = await make_node(token_cache_ttl=60)
+    await h.add_user("carol", token=False)
+    narrow = await h.client("carol", token=None).generate_token("pw", scopes=["_node/services"])
+    c = h.client("carol", token=narrow)
+    assert (await c.get("/_node/services")).status == 200         # now cached
+    for path in ("/_node/status", "/_node/metrics", "/_node/net/routes", "/hello_world"):
+        with pytest.raises(Forbidden):
+            await c.get(path)
+    assert (await c.get("/_node/services")).status == 200         # still allowed
+    # A guest limited to one built-in: the same holds for the user's own scopes.
+    await h.add_user("visitor", key=user_key(tag="visitor"), guest=True,
+                     scopes=("_node/services",))
+    v = h.client("visitor")
+    assert (await v.get("/_node/services")).status == 200
+    with pytest.raises(Forbidden):
+        await v.get("/_node/status")
+
+
 async def test_unknown_user_and_wrong_key_fail_the_handshake_the_same_way(make_node):
     from protocol.errors import AuthenticationFailed
     h = await make_node()

@@ -425,14 +425,19 @@ def _read_state(cfg) -> dict:
 @click.option("--priority", type=int, default=0, show_default=True,
               help="Lower is preferred among equally short routes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing entry for URL.")
+@click.option("--wait", is_flag=True,
+              help="Return only once the running node has the link up and the peer's table.")
+@click.option("--wait-timeout", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
+              help="Seconds --wait waits before failing.")
 @config_option
 @user_errors
 def add_network(url, server_key, public_key, private_key, user, token, priority, overwrite,
-                config_path):
+                wait, wait_timeout, config_path):
     """Link this node to a peer: its services become reachable through this node.
 
     The peer must answer, prove its key, and accept our account and token
-    before anything is stored.  A running node picks the link up within 2 s.
+    before anything is stored.  A running node picks the link up within 2 s;
+    with --wait the command returns once it has (scripts then need no sleep).
     """
     from ..client import Client, parse_url
     from ..storage import Peer
@@ -451,12 +456,37 @@ def add_network(url, server_key, public_key, private_key, user, token, priority,
         async with Client(url, user=user, private_key=priv, node_key=peer_key, token=token,
                           timeout=15.0) as c:
             await c.get("/_node/net/status")      # proves the token is accepted
+        added = time.time()
         await storage.add_peer(Peer(url=url, public_key=peer_key.to_pem(), user=user,
-                                    token=token, priority=priority, created_at=time.time()),
+                                    token=token, priority=priority, created_at=added),
                                overwrite=overwrite)
+        return added
 
-    run_async(_with_storage(config_path, go))
+    added = run_async(_with_storage(config_path, go))
     click.echo(f"network {url} added (peer key {peer_key.fingerprint()}, as {user})")
+    if wait:
+        _wait_for_link(load_cfg(config_path), url, added, wait_timeout)
+
+
+def _wait_for_link(cfg, url: str, added: float, timeout: float) -> None:
+    """Poll the running node's status.json until the link to ``url`` made from the entry
+    stored at ``added`` (not an older one it replaces) is up and has the peer's table."""
+    deadline = time.monotonic() + timeout
+    link: dict = {}
+    while True:
+        status = _read_status(cfg)
+        if not status:
+            click.echo("no running node here: the link starts with the node", err=True)
+            return
+        link = next((l for l in status.get("network", {}).get("links", [])
+                     if l.get("url") == url and l.get("added") == added), {})
+        if link.get("state") == "up" and link.get("synced"):
+            click.echo(f"link to {url} is up; {link.get('routes', 0)} route(s) learned")
+            return
+        if time.monotonic() >= deadline:
+            why = link.get("last_error") or f"state {link.get('state', 'not started')}"
+            fail(f"link to {url} not up after {timeout:g} s ({why})")
+        time.sleep(0.1)
 
 
 alias(main, add_network, "add-network")

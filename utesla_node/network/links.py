@@ -64,6 +64,7 @@ class Link:
         self.since: float | None = None
         self.last_error = ""
         self.failures = 0
+        self.synced = False        # the peer's first table arrived on this subscription
         self.inflight = 0
         self.forwarded = 0
         self._task: asyncio.Task | None = None
@@ -116,6 +117,7 @@ class Link:
                 if self.session is not None:
                     self.session.close(Status.UNAVAILABLE, "link reset")
                 self.state = "backoff"
+                self.synced = False
                 self.since = None
             delay = backoff * random.uniform(0.5, 1.5)
             backoff = min(backoff * 2, BACKOFF_MAX)
@@ -161,6 +163,7 @@ class Link:
             text = (await stream.read_all(4096)).decode("utf-8", "replace")
             raise StatusError(f"peer refused the gossip subscription: {status} {text}", status)
         engine.link_up(self.peer_id, time.monotonic())
+        self.synced = False
         if self.state != "up":
             log.info("link to %s is up (%s)", self.peer.url, self.peer_id[:20])
         self.state = "up"
@@ -199,6 +202,7 @@ class Link:
                         engine.resync.add(self.peer_id)
                         continue
                     engine.receive(self.peer_id, msg, time.monotonic())
+                    self.synced = True
                     self.network.kick()
                 if self.peer_id in engine.resync:
                     log.info("gossip digest mismatch with %s: resubscribing", self.peer.url)
@@ -225,7 +229,8 @@ class Link:
 
     def describe(self) -> dict:
         return {"url": self.peer.url, "user": self.peer.user, "node": self.peer_id,
-                "priority": self.peer.priority, "state": self.state,
+                "priority": self.peer.priority, "added": self.peer.created_at,
+                "state": self.state, "synced": self.synced,
                 "since": self.since, "rtt_ms": round(self.rtt * 1000, 3) if self.rtt else None,
                 "last_error": self.last_error, "inflight": self.inflight,
                 "forwarded": self.forwarded,
