@@ -79,15 +79,19 @@ def write_services(folder: Path) -> Path:
     return services
 
 
-async def start_node(folder, log_level: str = "WARNING", **settings):
-    """Start the benchmark node in ``folder`` (see the module docstring)."""
+async def start_node(folder, log_level: str = "WARNING", services: bool = True, **settings):
+    """Start the benchmark node in ``folder`` (see the module docstring); with
+    ``services=False`` its complements/ folder is empty (a pure forwarder)."""
     folder = Path(folder)
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger().setLevel(log_level)
     # The password is never used by the workloads: a cheap scrypt keeps start-up short.
     auth.set_scrypt_cost(10)
-    write_services(folder)
+    if services:
+        write_services(folder)
+    else:
+        (folder / "complements").mkdir(parents=True, exist_ok=True)
     settings.setdefault("port", 0)
     settings.setdefault("host", "127.0.0.1")
     config = load_config(None, **settings)
@@ -111,6 +115,33 @@ async def start_node(folder, log_level: str = "WARNING", **settings):
     paths["token"].write_text(token)
     info = {"port": node.address[1], "user": USER, **{k: str(v) for k, v in paths.items()}}
     return node, info
+
+
+async def link_nodes(near: Path, far: Path, far_port: int) -> None:
+    """Make the node in ``near`` a subscriber of the one in ``far`` (both running, in those
+    folders), as ``utesla-cli add`` on far and ``add_network`` on near would: an account on
+    far for near's node key, a token of it, and a peer row on near (picked up within 1 s)."""
+    from utesla_node.storage import Peer, open_storage
+    auth.set_scrypt_cost(10)          # the password is never used
+    name = "node-" + near.name
+    near_pub = (near / "keys" / "key.pub").read_text()
+    far_pub = (far / "keys" / "key.pub").read_text()
+    st = open_storage(None, far / "data")
+    await st.open()
+    try:
+        await st.add_user(User(name=name, password_hash=await auth.hash_password("unused"),
+                               public_key=near_pub, created_at=time.time(), token_limit=0),
+                          overwrite=True)
+        token, _ = await auth.Authority(st, 86400.0).issue_token(name)
+    finally:
+        await st.close()
+    st = open_storage(None, near / "data")
+    await st.open()
+    try:
+        await st.add_peer(Peer(url=f"utesla://127.0.0.1:{far_port}", public_key=far_pub,
+                               user=name, token=token, created_at=time.time()), overwrite=True)
+    finally:
+        await st.close()
 
 
 def client_factory(info: dict, **kw):

@@ -16,6 +16,12 @@ Workloads (a call counts if it starts inside the D-second window, after --warmup
   w1-64   one connection, 64 requests in flight (64 tasks)           req/s, p50/p99
   w2      new connection + handshake + one request + close, in turn  per second
 
+W3 (forwarding) is the peer "forward": the same w1-1 and w1-64, sent to node A, which
+has no services and is linked to node B, which has them (as add_network would link it);
+every request and answer crosses A.  Both nodes are pinned to CPU 0, like the direct
+node, so direct and forwarded runs get the same CPU; "srv CPU" is A's plus B's.  Its
+ratio is forward / utesla (direct) of the same run; "added p50" is the difference.
+
 Peers:
   utesla  the node (bench/_nodesetup.py: uvloop, Ed25519 user, token), its Client;
           w1-64 = 64 tasks sharing one Client (64 streams on one connection)
@@ -24,6 +30,7 @@ Peers:
           connection through a small multiplexing client here (a reader task matches
           replies to ids); w2 = TCP connect + one call + close (no security)
   pyro5   peer_pyro5.py (w1-1 only: the DESIGN target compares w1-1 with it)
+  forward W3: utesla through node A to node B (w1-1 and w1-64 only)
 
 Output: one JSON line per measurement, then markdown tables (medians of the rounds,
 (x%) = (max - min) / median) with the ratios and the DESIGN targets; also written to
@@ -86,16 +93,21 @@ def wait_quiet(limit_s: float, thresh: float = 20.0) -> float:
 
 
 class Meter:
-    def __init__(self, pid: int):
-        self.pid = pid
+    """CPU of this process (the client) and of the server process(es) ``pids``."""
+
+    def __init__(self, pids: int | list[int]):
+        self.pids = [pids] if isinstance(pids, int) else list(pids)
+
+    def _srv(self) -> float:
+        return sum(cpu_s(p) for p in self.pids)
 
     def start(self):
         self.t, self.m = now(), machine_busy_s()
-        self.c, self.s = time.process_time(), cpu_s(self.pid)
+        self.c, self.s = time.process_time(), self._srv()
 
     def stop(self) -> dict:
         dt = now() - self.t
-        cli, srv = time.process_time() - self.c, cpu_s(self.pid) - self.s
+        cli, srv = time.process_time() - self.c, self._srv() - self.s
         pct = lambda x: round(100 * x / dt, 1)
         return {"cli_cpu_pct": pct(cli), "srv_cpu_pct": pct(srv),
                 "other_cpu_pct": pct(max(0.0, machine_busy_s() - self.m - cli - srv))}
@@ -109,7 +121,7 @@ def lat_stats(lat: list[float]) -> dict:
     return {"p50_us": pick(0.50), "p99_us": pick(0.99)}
 
 
-async def timed(args, server_pid: int, n: int, body, conn_for) -> dict:
+async def timed(args, server_pid: int | list[int], n: int, body, conn_for) -> dict:
     """n workers run ``await body(conn)`` back to back; calls starting in [t0, t1) count.
     ``conn_for(i)`` (awaited inside the warm-up) gives worker i its connection, or None."""
     t0 = now() + args.warmup
@@ -168,8 +180,11 @@ def serve_utesla(args) -> None:
             loop.add_signal_handler(sig, stop.set)
         try:
             node, info = await start_node(folder, log_level=args.node_log_level,
-                                          grace_period=1.0)
-            print(json.dumps({**info, "uvloop": uv}), flush=True)
+                                          grace_period=1.0, services=not args.no_services)
+            import gc             # as utesla-node does once started (cli/node.py)
+            gc.collect()
+            gc.freeze()
+            print(json.dumps({**info, "folder": folder, "uvloop": uv}), flush=True)
             if prof:
                 prof.enable()
             await stop.wait()
@@ -187,10 +202,11 @@ def serve_utesla(args) -> None:
 class Server:
     """A server subprocess pinned to CPU 0; ``info`` is its JSON ready line."""
 
-    def __init__(self, cmd: list[str], env: dict | None = None, cwd: str | None = None):
+    def __init__(self, cmd: list[str], env: dict | None = None, cwd: str | None = None,
+                 cpus: set[int] = frozenset({0})):
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=cwd,
                                      env={**os.environ, **(env or {})},
-                                     preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+                                     preexec_fn=lambda: os.sched_setaffinity(0, cpus))
         line = ""
         if select.select([self.proc.stdout], [], [], 30)[0]:
             line = self.proc.stdout.readline().strip()
@@ -261,9 +277,10 @@ class UteslaPeer:
     def __init__(self, args):
         self.args = args
 
-    def start(self) -> Server:
+    def command(self, tag: str = "", *extra: str) -> list[str]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "serve-utesla",
-               "--workdir", self.args.workdir, "--node-log-level", self.args.node_log_level]
+               "--workdir", self.args.workdir, "--node-log-level", self.args.node_log_level,
+               *extra]
         if self.args.no_uvloop:
             cmd.append("--no-uvloop")
         if self.args.patch:
@@ -271,8 +288,11 @@ class UteslaPeer:
         if self.args.profile:
             os.makedirs(self.args.profile, exist_ok=True)
             cmd += ["--profile-out", os.path.join(
-                self.args.profile, f"utesla-{self._workload}-{int(time.time())}.prof")]
-        srv = Server(cmd)
+                self.args.profile, f"{self.name}{tag}-{self._workload}-{int(time.time())}.prof")]
+        return cmd
+
+    def start(self) -> Server:
+        srv = Server(self.command())
         sys.path.insert(0, str(HERE))
         from _nodesetup import client_factory
         self.new_client = client_factory(srv.info)
@@ -310,6 +330,57 @@ class UteslaPeer:
         async def none(_):
             return None
         return await timed(self.args, srv.pid, 1, body, none)
+
+
+class Pair:
+    """Node B (services) and node A (none, linked to B): stops both; ``pid`` is both."""
+
+    def __init__(self, a: Server, b: Server):
+        self.a, self.b = a, b
+        self.pid = [a.pid, b.pid]
+        self.info = a.info
+
+    def stop(self) -> None:
+        self.a.stop()
+        self.b.stop()
+
+
+class ForwardPeer(UteslaPeer):
+    """W3: the client talks to node A, which forwards every request to node B."""
+    name = "forward"
+
+    def start(self) -> Pair:
+        b = Server(self.command("-B"), cpus={self.args.w3_b_cpu})
+        try:
+            a = Server(self.command("-A", "--no-services"))
+        except BaseException:
+            b.stop()
+            raise
+        sys.path.insert(0, str(HERE))
+        from _nodesetup import client_factory
+        self.new_client = client_factory(a.info)
+        return Pair(a, b)
+
+    async def ready(self, pair: Pair) -> None:
+        """Link A to B through both databases (as add_network would), then wait until
+        A routes /hello_world (it polls its peers table every second)."""
+        sys.path.insert(0, str(HERE))
+        from _nodesetup import link_nodes
+        await link_nodes(Path(pair.a.info["folder"]), Path(pair.b.info["folder"]),
+                         pair.b.info["port"])
+        c = self.new_client()
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                reply = await c.get("/hello_world", check=False)
+                if reply.status == 200:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"A never routed /hello_world: {reply.status} "
+                                       f"{reply.text[:200]}")
+                await asyncio.sleep(0.1)
+        finally:
+            await c.close()
 
 
 class HarnessPeer:
@@ -382,6 +453,8 @@ async def run_one(peer, workload: str, args) -> dict:
     busy = wait_quiet(args.quiet_wait)
     srv = peer.start()
     try:
+        if hasattr(peer, "ready"):
+            await peer.ready(srv)
         if workload == "w2":
             r = await peer.w2(srv)
         else:
@@ -435,6 +508,20 @@ def report(results: list[dict], head: str) -> str:
     if p:
         out.append(f"| W1 hello, 1 in flight: pyro5 | {rate(p)} | {lat(p)} | {cpu(p)} "
                    "| | | | |")
+    w3 = [(n, g("forward", f"w1-{n}"), g("utesla", f"w1-{n}")) for n in (1, 64)]
+    if any(fw for _, fw, _ in w3):
+        out += ["", "W3 forward: the same W1 sent to node A (no services), which forwards to "
+                "node B; direct = the utesla rows above (same run).", "",
+                "| workload | forwarded /s | p50 / p99 µs | srv (A+B) / cli CPU µs per call "
+                "| direct /s | forwarded / direct | added p50 µs |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for n, fw, d in w3:
+            if not fw:
+                continue
+            ratio = f"{fw['per_s'] / d['per_s']:.2f}" if d and d["per_s"] else "—"
+            added = f"{fw['p50_us'] - d['p50_us']:.0f}" if d and "p50_us" in d else "—"
+            out.append(f"| W3 hello, {n} in flight, 1 conn | {rate(fw)} | {lat(fw)} | "
+                       f"{cpu(fw)} | {rate(d)} | {ratio} | {added} |")
     out += ["", "DESIGN targets:", ""]
 
     def target(label, ok, detail):
@@ -455,6 +542,13 @@ def report(results: list[dict], head: str) -> str:
     if u2:
         target("W2 ≥ 1,000 handshakes/s (Ed25519)", u2["per_s"] >= 1000,
                f"{u2['per_s']:,.0f} /s")
+    for n, fw, d in w3:
+        if fw and d:
+            target(f"W3 {n} in flight: forwarded ≥ 0.5 x direct",
+                   fw["per_s"] >= 0.5 * d["per_s"],
+                   f"{fw['per_s']:,.0f} vs {d['per_s']:,.0f} /s = "
+                   f"{fw['per_s'] / d['per_s']:.2f}x; added p50 "
+                   f"{fw['p50_us'] - d['p50_us']:.0f} µs")
     hit = [f"{p}/{w} ({r['other_cpu_pct']:.0f}%)" for (p, w), r in by.items()
            if r["other_cpu_pct"] > FLAG_OTHER]
     if hit:
@@ -468,6 +562,8 @@ def report(results: list[dict], head: str) -> str:
 async def amain(args) -> list[dict]:
     wanted = args.peers.split(",")
     peers = [UteslaPeer(args)] if "utesla" in wanted else []
+    if "forward" in wanted:
+        peers.append(ForwardPeer(args))
     if args.peers_dir:
         if "floor" in wanted:
             peers.append(HarnessPeer(args, "floor", "peer_floor.py"))
@@ -486,7 +582,7 @@ async def amain(args) -> list[dict]:
     for rnd in range(args.repeat):
         for w in workloads:
             for p in peers:
-                if p.name == "pyro5" and w != "w1-1":
+                if p.name == "pyro5" and w != "w1-1" or p.name == "forward" and w == "w2":
                     continue
                 for attempt in range(1 + args.retries):
                     try:
@@ -515,6 +611,7 @@ def main() -> None:
         ap.add_argument("--no-uvloop", action="store_true")
         ap.add_argument("--profile-out")
         ap.add_argument("--patch")
+        ap.add_argument("--no-services", action="store_true")
         return serve_utesla(ap.parse_args())
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -527,11 +624,13 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=10.0,
                     help="max seconds to wait for an idle machine before each measurement")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--peers", default="utesla,floor,pyro5",
-                    help="which of utesla, floor, pyro5 to measure")
+    ap.add_argument("--peers", default="utesla,forward,floor,pyro5",
+                    help="which of utesla, forward (W3), floor, pyro5 to measure")
     ap.add_argument("--node-log-level", default="WARNING",
                     help="the node's log level (INFO logs one line per request)")
     ap.add_argument("--no-uvloop", action="store_true", help="node on the asyncio loop")
+    ap.add_argument("--w3-b-cpu", type=int, default=0,
+                    help="CPU of W3's node B (default 0, with A; 1 shares the client's)")
     ap.add_argument("--client-uvloop", action="store_true", help="clients on uvloop")
     ap.add_argument("--profile", metavar="DIR", help="cProfile the node, one file per run")
     ap.add_argument("--patch", metavar="FILE",

@@ -616,6 +616,14 @@ class Connection:
             if not 0 <= msg.status <= 999:
                 raise LocalProtocolError(f"status {msg.status} out of range 0..999")
             return self._fits(pack(m.to_map(msg)))
+        if (type(msg) is m.Request and msg.args is None and not msg.headers
+                and m.plain_request_ok(msg)):
+            # A plain request (a forwarded one carries only an envelope): its fields
+            # checked in place instead of a decode of its own wire map.
+            try:
+                return self._fits(pack(m.to_map(msg)))
+            except (TypeError, ValueError) as exc:  # an envelope value msgpack refuses
+                raise LocalProtocolError(f"cannot encode the message: {exc}") from None
         try:
             wire = m.to_map(msg)
             m.decode(wire)

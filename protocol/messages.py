@@ -309,6 +309,36 @@ def _fast(obj: dict, t: int):
     return None
 
 
+def plain_request_ok(msg: Request) -> bool:
+    """Whether a REQUEST with no args or headers passes :func:`decode` as the peer will
+    run it, checked on the object itself (the send-side hot path; False: not sure, run
+    the full check).  Its envelope, if any, must be a map within the nesting limit."""
+    meth, path, k, env = msg.method, msg.path, msg.token, msg.envelope
+    if not (type(msg.stream_id) is int and 0 <= msg.stream_id <= MAX_STREAM_ID
+            and type(meth) is str and 0 < len(meth) <= MAX_METHOD and meth.isascii()
+            and meth.isalpha() and meth.isupper()
+            and type(path) is str and len(path) <= MAX_PATH and path[:1] == "/"
+            and (k is None or (type(k) is str and len(k) <= MAX_TOKEN and k.isascii()))
+            and type(msg.body) is bytes and type(msg.end) is bool):
+        return False
+    if env is not None:
+        # The envelope shape nodes send: string keys, scalar values or lists of scalars.
+        if type(env) is not dict or len(env) > 16:
+            return False
+        for key, value in env.items():
+            if type(key) is not str:
+                return False
+            if type(value) is list:
+                if not all(type(v) in _ENVELOPE_SCALARS for v in value):
+                    return False
+            elif type(value) not in _ENVELOPE_SCALARS:
+                return False
+    return True
+
+
+_ENVELOPE_SCALARS = frozenset((str, int, float, bool, bytes, type(None)))
+
+
 def decode(obj: Any) -> Message:
     """Validate one decoded msgpack map and build its message."""
     if type(obj) is not dict:
@@ -344,7 +374,7 @@ def decode(obj: Any) -> Message:
 def to_map(msg: Message) -> dict:
     """The wire map of ``msg``, leaving out optional fields at their default."""
     cls = type(msg)
-    if cls is Request and msg.args is None and not msg.headers and msg.envelope is None:
+    if cls is Request and msg.args is None and not msg.headers:
         out = {"t": T_REQUEST, "i": msg.stream_id, "m": msg.method, "p": msg.path}
         if msg.token is not None:
             out["k"] = msg.token
@@ -352,6 +382,8 @@ def to_map(msg: Message) -> dict:
             out["b"] = msg.body
         if not msg.end:
             out["f"] = False
+        if msg.envelope is not None:        # a forwarded request (SPEC.md §6.7)
+            out["e"] = msg.envelope
         return out
     if cls is Data:
         return {"t": T_DATA, "i": msg.stream_id, "b": msg.body, "f": msg.end}

@@ -10,6 +10,7 @@ downstream nodes, and forwards requests for services this node lacks
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import secrets
@@ -68,6 +69,7 @@ class Network:
         await asyncio.gather(*(link.stop() for link in self.links.values()),
                              return_exceptions=True)
         self.links.clear()
+        self._links_changed()
         for t in self._tasks:
             await cancel_and_wait(t)      # a cancel lost inside wait_for() must not hang us
 
@@ -96,6 +98,7 @@ class Network:
                     link.peer.public_key, link.peer.user, link.peer.token):
                 log.info("peer %s %s", url, "removed" if p is None else "changed")
                 del self.links[url]
+                self._links_changed()
                 await link.stop()
             elif p.priority != link.peer.priority:
                 link.peer = p
@@ -110,6 +113,7 @@ class Network:
                     log.error("peer %s has this node's own key: ignored", url)
                     continue
                 self.links[url] = link
+                self._links_changed()
                 link.start()
                 log.info("peer %s added (%s)", url, link.peer_id[:20])
 
@@ -235,13 +239,26 @@ class Network:
 
     # -------------------------------------------------------------- forwarding
 
+    def _links_by_peer(self) -> dict[str, Link]:
+        """peer id -> link; rebuilt after the links change (see _links_changed), not per
+        request."""
+        if self._by_peer is None:
+            self._by_peer = {l.peer_id: l for l in self.links.values()}
+        return self._by_peer
+
+    def _links_changed(self) -> None:
+        self._by_peer = None
+
+    _by_peer: dict[str, Link] | None = None
+
     def _choose(self, service: str, exclude: set[str], visited: list[str]) -> Link | None:
-        by_peer = {link.peer_id: link for link in self.links.values() if link.up}
+        by_peer = self._links_by_peer()
         best_hops = None
         pool: list[Link] = []
         for peer, route in self.engine.candidates(service):
             link = by_peer.get(peer)
-            if link is None or peer in exclude or any(n in visited for n in route.path):
+            if (link is None or not link.up or peer in exclude
+                    or (visited and any(n in visited for n in route.path))):
                 continue
             if best_hops is None:
                 best_hops = route.hops
@@ -299,7 +316,7 @@ class Network:
         service = self._service_for(parts)
         if service is None:
             raise NotFound(f"no service {req.path} in this node or its network")
-        envelope = {"id": env.get("id") or secrets.token_bytes(16),
+        envelope = {"id": env.get("id") or self._request_id(),
                     "user": env.get("user") or user.name,
                     "path": visited + [self.id], "hops": min(hops, cfg.max_hops) - 1}
         if stream.deadline is not None:
@@ -328,6 +345,13 @@ class Network:
                     raise Unavailable(f"link to {link.peer.url} failed: {exc}") from None
 
     _last_failure = ""
+    _rid_prefix = secrets.token_bytes(8)
+    _rid_counter = itertools.count()
+
+    def _request_id(self) -> bytes:
+        """16 bytes unique to this request: a random per-process prefix and a counter
+        (ids trace a request across nodes; they are not secrets)."""
+        return self._rid_prefix + next(self._rid_counter).to_bytes(8, "big")
 
     async def _relay(self, link: Link, stream: Stream, writer: "ResponseWriter",
                      envelope: dict) -> None:
@@ -364,6 +388,16 @@ class Network:
                 stream._chunks.clear()
             writer.status = status
             writer.headers = dict(headers)
+            if out._ended and out._error is None:
+                # The whole answer came with its head (the usual small one): it leaves
+                # as one response when the dispatcher finishes, no chunk loop.
+                body = b"".join(out._chunks)
+                out._chunks.clear()
+                out.buffered = 0
+                if body:
+                    writer.sent += len(body)
+                    writer._stash = body
+                return
             while True:
                 try:
                     chunk = await out.read_chunk()
