@@ -189,6 +189,8 @@ class Stream:
                 session.schedule_flush()
             if last:
                 self._sent_end = True
+                if self._ended and not self.incoming:
+                    session.forget(self.id)         # the answer had ended already
                 return
 
     async def end(self) -> None:
@@ -351,12 +353,18 @@ class Session:
                 s = self.streams.get(ev.stream_id)
                 if s is not None:
                     s._feed(ev.data, ev.end)
+                    if ev.end and s._sent_end and not s.incoming:
+                        del self.streams[ev.stream_id]      # done both ways
             elif t is ResponseReceived:
                 s = self.streams.get(ev.stream_id)
                 if s is not None:
                     if not s.head.done():
                         s.head.set_result((ev.status, ev.headers))
                     s._feed(ev.body, ev.end)
+                    if ev.end and s._sent_end:
+                        # Done both ways: whoever reads the answer holds the stream; the
+                        # session must not (one entry per request made, else).
+                        del self.streams[ev.stream_id]
             elif t is RequestReceived:
                 self._on_request(ev)
             elif t is WindowUpdated:
