@@ -179,17 +179,20 @@ class Node:
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         if self.network is not None:
-            await self.network.stop()
+            self.network.quiesce()
         for s in list(self.sessions):
             s.goaway("shutting down")
         deadline = time.monotonic() + self.config.grace_period
         pending = [t for s in self.sessions for t in s.tasks]
         if pending:
+            # The links stay up meanwhile: requests being forwarded finish too.
             await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
         for s in list(self.sessions):
             for t in list(s.tasks):
                 t.cancel()
             s.close(Status.UNAVAILABLE, "node shutting down")
+        if self.network is not None:
+            await self.network.stop()
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)

@@ -59,3 +59,23 @@ async def test_a_forwarding_link_forgets_finished_streams(net):
     assert not sub._ended
     assert list(link.session.conn._streams) == [sub.id]
     assert c._session.streams == {}
+
+
+async def test_a_node_stopping_lets_forwarded_requests_in_flight_finish(net):
+    """SIGTERM's grace period covers forwarded requests too: the node keeps its links
+    until what it is relaying has been answered, then stops them."""
+    a = await net.node("a", grace_period=10)
+    b = await net.node("b", examples("countdown"))
+    await net.link(a, b)
+    await wait_for(lambda: routes(a, "countdown"), 10)
+    c = a.client()
+    got = []
+    async with c.stream("GET", "/countdown", args={"n": 20, "delay": 0.02},
+                        timeout=30) as resp:
+        async for chunk in resp:
+            got.append(chunk)
+            if len(got) == 2:
+                stopping = asyncio.ensure_future(a.node.stop("test: SIGTERM"))
+    await stopping
+    assert b"".join(got).endswith(b"1\nliftoff\n")
+    assert a.node.network.links == {}

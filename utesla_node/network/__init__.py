@@ -61,6 +61,13 @@ class Network:
         self._tasks = [loop.create_task(self._pump(), name="gossip pump"),
                        loop.create_task(self._watch_peers(), name="peers watcher")]
 
+    def quiesce(self) -> None:
+        """First step of a node's stop: end the gossip subscriptions we serve (they
+        never end by themselves, and the grace period waits for requests), keep the
+        links: requests being forwarded over them finish."""
+        for q in self.subscribers.values():
+            q.put_nowait(None)
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
