@@ -169,7 +169,11 @@ class Dispatcher:
     def __init__(self, node: "Node"):
         self.node = node
 
-    async def __call__(self, session: Session, stream: Stream) -> None:
+    async def __call__(self, session: Session, stream: Stream, serve=None,
+                       timeout: float | None = None) -> None:
+        """Serve ``stream``: by path (``_serve``), or by ``serve(session, stream, writer)``
+        when given (a relayed request taken over midway); ``timeout`` overrides the
+        request deadline."""
         node = self.node
         req = stream.request
         t0 = time.monotonic()
@@ -182,10 +186,11 @@ class Dispatcher:
             timed_out = True
             task.cancel()
 
-        timeout = node.config.request_timeout
-        ttl = req.envelope.get("ttl") if req.envelope else None
-        if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
-            timeout = max(0.001, min(timeout, ttl))   # the entry node's deadline, carried
+        if timeout is None:
+            timeout = node.config.request_timeout
+            ttl = req.envelope.get("ttl") if req.envelope else None
+            if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+                timeout = max(0.001, min(timeout, ttl))   # the entry node's deadline, carried
         deadline = None
         if req.path not in LONG_LIVED:
             deadline = session.loop.call_later(timeout, on_deadline)
@@ -196,7 +201,7 @@ class Dispatcher:
         error_id = None
         try:
             try:
-                await self._serve(session, stream, writer)
+                await (serve or self._serve)(session, stream, writer)
                 await writer.finish()
             except asyncio.CancelledError:
                 if not timed_out:

@@ -184,9 +184,15 @@ class Node:
             s.goaway("shutting down")
         deadline = time.monotonic() + self.config.grace_period
         pending = [t for s in self.sessions for t in s.tasks]
+        relays = None
+        if self.network is not None and self.network.relays:
+            relays = asyncio.get_running_loop().create_task(self.network.wait_relays())
+            pending.append(relays)
         if pending:
             # The links stay up meanwhile: requests being forwarded finish too.
             await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        if relays is not None:
+            relays.cancel()
         for s in list(self.sessions):
             for t in list(s.tasks):
                 t.cancel()
@@ -223,6 +229,8 @@ class Node:
         session = Session(reader, writer, conn, on_request=self.dispatcher,
                           key_lookup=self.lookup_user_key, high_water=cfg.write_high_water,
                           idle_timeout=cfg.idle_timeout, name=f"{ip}:{peer[1] if peer else 0}")
+        if self.network is not None:
+            session.on_request_now = self.network.relay_now
         self.sessions.add(session)
         self._per_ip[ip] += 1
         self.metrics.incr("connections_accepted")
@@ -319,6 +327,22 @@ class Node:
                 auth.Authority.allow(record, user, service_path)
             except auth.Forbidden as exc:
                 raise Forbidden(str(exc)) from None
+        return user
+
+    def authorize_now(self, session: Session, token: str | None, service_path: str):
+        """The user, when a fresh cached check of ``token`` allows ``service_path``; None
+        when that takes a lookup or the answer is no (``authorize`` then says why)."""
+        hit = self._token_cache.get((token, session.peer_user))
+        if hit is None or hit[2] is not None or hit[0] <= time.monotonic():
+            return None
+        record, user, unrestricted = hit[1]
+        if record.expires_at <= self.authority.clock():
+            return None
+        if not unrestricted:
+            try:
+                auth.Authority.allow(record, user, service_path)
+            except auth.Forbidden:
+                return None
         return user
 
     async def _resolve_token(self, cache: dict, key: tuple, token: str | None,

@@ -58,7 +58,7 @@ class Stream:
 
     __slots__ = ("session", "id", "incoming", "_chunks", "_waiter", "_ended", "_error",
                  "_credit", "head", "request", "_sent_end", "buffered", "deadline",
-                 "task", "__weakref__")
+                 "task", "relay", "__weakref__")
 
     def __init__(self, session: "Session", stream_id: int, incoming: bool):
         self.session = session
@@ -76,6 +76,9 @@ class Stream:
         #: The task serving an incoming request (cancelled when the peer resets it).
         self.task: asyncio.Task | None = None
         self.deadline: float | None = None   # monotonic time the request must end by
+        #: Set on both streams of a request relayed without a task (network.Relay):
+        #: told of the answer (``answered``) and of failures (``failed``).
+        self.relay = None
 
     # -------------------------------------------------------------- receiving side
 
@@ -96,6 +99,8 @@ class Stream:
         self._wake()
         if self._credit is not None and not self._credit.done():
             self._credit.set_result(None)
+        if self.relay is not None:
+            self.relay.failed(self, exc)
 
     def _wake(self) -> None:
         w = self._waiter
@@ -223,6 +228,8 @@ class Session:
         self.writer = writer
         self.conn = conn
         self.on_request = on_request
+        #: Tried first for each request: True when it took care of it without a task.
+        self.on_request_now: Callable[["Session", Stream], bool] | None = None
         self.key_lookup = key_lookup
         self.high_water = high_water
         self.idle_timeout = idle_timeout
@@ -358,13 +365,15 @@ class Session:
             elif t is ResponseReceived:
                 s = self.streams.get(ev.stream_id)
                 if s is not None:
-                    if not s.head.done():
+                    if s.head is not None and not s.head.done():
                         s.head.set_result((ev.status, ev.headers))
                     s._feed(ev.body, ev.end)
                     if ev.end and s._sent_end:
                         # Done both ways: whoever reads the answer holds the stream; the
                         # session must not (one entry per request made, else).
                         del self.streams[ev.stream_id]
+                    if s.relay is not None:
+                        s.relay.answered(s, ev.status, ev.headers)
             elif t is RequestReceived:
                 self._on_request(ev)
             elif t is WindowUpdated:
@@ -418,25 +427,38 @@ class Session:
             self.conn.reset_stream(ev.stream_id, Status.NOT_FOUND, "no requests accepted here")
             self.streams.pop(ev.stream_id, None)
             return
-        task = self.loop.create_task(self._run_request(s))
+        if self.on_request_now is not None and self.on_request_now(self, s):
+            return                  # taken care of without a task (a relayed request)
+        self.spawn_request(s)
+
+    def spawn_request(self, s: Stream, serve: Callable[["Session", Stream], Awaitable[None]]
+                      | None = None) -> asyncio.Task:
+        """Serve incoming stream ``s`` in a task of its own: ``on_request``, or ``serve``."""
+        task = self.loop.create_task(self._run_request(s, serve or self.on_request))
         s.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
-    async def _run_request(self, s: Stream) -> None:
+    async def _run_request(self, s: Stream, serve) -> None:
         try:
-            await self.on_request(self, s)
+            await serve(self, s)
         finally:
-            self.streams.pop(s.id, None)
-            if self.conn.is_open(s.id) and not self.conn.closed:
-                # Answered without reading the whole request body (or not answered at
-                # all): tell the peer to stop sending, and free the stream.
-                self.conn.reset_stream(s.id, Status.CANCELLED, "stream ended by the node")
-                self.schedule_flush()
-            if len(self.tasks) <= 1 and self._flush_handle is not None:
-                # The only request in flight is done: nothing else could join this
-                # write, so send it now rather than one event-loop turn later.
-                self.flush()
+            self.request_done(s)
+
+    def request_done(self, s: Stream, lone: bool = True) -> None:
+        """An incoming request has been answered (or given up): free its stream.
+        ``lone=False``: never write at once (answers relayed in a batch go together)."""
+        self.streams.pop(s.id, None)
+        if self.conn.is_open(s.id) and not self.conn.closed:
+            # Answered without reading the whole request body (or not answered at
+            # all): tell the peer to stop sending, and free the stream.
+            self.conn.reset_stream(s.id, Status.CANCELLED, "stream ended by the node")
+            self.schedule_flush()
+        if lone and len(self.tasks) <= 1 and self._flush_handle is not None:
+            # The only request in flight is done: nothing else could join this
+            # write, so send it now rather than one event-loop turn later.
+            self.flush()
 
     # -------------------------------------------------------------- sending
 
@@ -520,8 +542,9 @@ class Session:
     def open_stream(self, method: str, path: str, *, token: str | None = None,
                     args: dict | None = None, headers: dict | None = None,
                     body: bytes = b"", end: bool = True,
-                    envelope: dict | None = None) -> Stream:
-        """Send a request; the returned stream's ``head`` resolves with the response."""
+                    envelope: dict | None = None, head: bool = True) -> Stream:
+        """Send a request; the returned stream's ``head`` resolves with the response
+        (``head=False``: no future, for a caller told through ``Stream.relay``)."""
         if not self.is_open:
             raise self.close_reason or ConnectionLost("connection is closed")
         if self.going_away:
@@ -536,7 +559,8 @@ class Session:
             # connection is fine, and reconnecting would not help.
             raise BadRequest(str(exc)) from exc
         s = Stream(self, sid, incoming=False)
-        s.head = self.loop.create_future()
+        if head:
+            s.head = self.loop.create_future()
         s._sent_end = end
         self.streams[sid] = s
         self.schedule_flush()

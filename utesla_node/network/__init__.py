@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING
 from protocol.errors import (BadRequest, GatewayTimeout, LoopDetected, NotFound, Status,
                              StatusError, Unavailable, error_for_status)
 
+from ..dispatch import BUILTIN_PREFIX
+from ..services import split_path
 from ..storage import StorageError
 from ..transport import ConnectionLost, Session, Stream
 from .gossip import GossipEngine, Route, encode_message
 from .links import LEN, Link, cancel_and_wait
+from .relay import REPLAYABLE, Relay
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..dispatch import ResponseWriter
@@ -51,6 +54,8 @@ class Network:
         self.subscribers: dict[str, asyncio.Queue] = {}
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self.relays = 0                           # requests on the fast path (relay.py)
+        self.relays_idle: asyncio.Future | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -311,25 +316,80 @@ class Network:
             raise LoopDetected("forwarding loop: this node is already on the request's path")
         return visited, hops
 
+    async def wait_relays(self) -> None:
+        """Until no request is on the fast path (a stopping node's grace period)."""
+        while self.relays:
+            self.relays_idle = asyncio.get_running_loop().create_future()
+            await self.relays_idle
+
+    def relay_now(self, session: Session, stream: Stream) -> bool:
+        """Forward ``stream``'s request at once, without a task, if it is the common
+        case (see relay.py); False leaves it to the dispatcher."""
+        req = stream.request
+        node = self.node
+        if (not req.end or req.method not in REPLAYABLE or node.stopping
+                or req.path.startswith(BUILTIN_PREFIX)):
+            return False
+        try:
+            parts = split_path(req.path)
+            if node.registry.resolve(parts) is not None:
+                return False                          # served here
+            user = node.authorize_now(session, req.token, "/".join(parts))
+            if user is None:
+                return False
+            visited, hops = self.check_envelope(req.envelope)
+        except StatusError:
+            return False                              # the dispatcher reports it
+        service = self._service_for(parts)
+        if service is None or hops <= 0:
+            return False
+        link = self._choose(service, (), visited)
+        if link is None:
+            return False
+        out_conn = link.session.conn
+        body = b"".join(stream._chunks) if stream._chunks else b""
+        if len(body) > min(out_conn.peer_window, out_conn.max_chunk):
+            return False
+        cfg = node.config
+        timeout = cfg.request_timeout
+        env = req.envelope
+        ttl = env.get("ttl") if env else None
+        if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+            timeout = max(0.001, min(timeout, ttl))
+        envelope = self._envelope(env, user, visited, hops, timeout)
+        try:
+            out = link.session.open_stream(req.method, req.path, token=link.peer.token,
+                                           args=req.args, headers=req.headers, body=body,
+                                           end=True, envelope=envelope, head=False)
+        except (ConnectionLost, StatusError):
+            return False
+        node.metrics.incr("forwarded_requests")
+        Relay(self, session, stream, link, out, timeout, time.monotonic())
+        return True
+
+    def _envelope(self, env: dict | None, user, visited: list[str], hops: int,
+                  left: float | None) -> dict:
+        """The envelope for the next hop (SPEC.md §6.7)."""
+        envelope = {"id": (env.get("id") if env else None) or self._request_id(),
+                    "user": (env.get("user") if env else None) or user.name,
+                    "path": visited + [self.id], "hops": min(hops, self.node.config.max_hops) - 1}
+        if left is not None:
+            # The next hop gives up a little before we do, so its 408 reaches the client.
+            envelope["ttl"] = max(0.001, left - min(0.25, left * 0.05))
+        return envelope
+
     async def forward(self, session: Session, stream: Stream, writer: "ResponseWriter",
                       parts: list[str], user) -> None:
         """Relay a request to the best node offering the service, both bodies streamed."""
         req = stream.request
-        cfg = self.node.config
-        env = req.envelope or {}
         visited, hops = self.check_envelope(req.envelope)
         if hops <= 0:
             raise LoopDetected("hop limit reached")
         service = self._service_for(parts)
         if service is None:
             raise NotFound(f"no service {req.path} in this node or its network")
-        envelope = {"id": env.get("id") or self._request_id(),
-                    "user": env.get("user") or user.name,
-                    "path": visited + [self.id], "hops": min(hops, cfg.max_hops) - 1}
-        if stream.deadline is not None:
-            # The next hop gives up a little before we do, so its 408 reaches the client.
-            left = stream.deadline - time.monotonic()
-            envelope["ttl"] = max(0.001, left - min(0.25, left * 0.05))
+        left = None if stream.deadline is None else stream.deadline - time.monotonic()
+        envelope = self._envelope(req.envelope, user, visited, hops, left)
         tried: set[str] = set()
         writer.forwarded = True
         replayable = req.end and req.method in ("GET", "HEAD", "OPTIONS")
@@ -393,27 +453,7 @@ class Network:
                 raise _RetryableFailure(str(exc)) from None
             if req.end:
                 stream._chunks.clear()
-            writer.status = status
-            writer.headers = dict(headers)
-            if out._ended and out._error is None:
-                # The whole answer came with its head (the usual small one): it leaves
-                # as one response when the dispatcher finishes, no chunk loop.
-                body = b"".join(out._chunks)
-                out._chunks.clear()
-                out.buffered = 0
-                if body:
-                    writer.sent += len(body)
-                    writer._stash = body
-                return
-            while True:
-                try:
-                    chunk = await out.read_chunk()
-                except StatusError as exc:
-                    raise Unavailable(f"link to {link.peer.url} failed mid-answer: {exc}") \
-                        from None
-                if not chunk:
-                    break
-                await writer.write(chunk)
+            await self._relay_answer(link, out, writer, status, headers)
         except BaseException:
             if pump is not None:
                 pump.cancel()
@@ -422,6 +462,32 @@ class Network:
             link.inflight -= 1
             if out is not None and not out.at_end and session.conn.is_open(out.id):
                 out.reset(Status.CANCELLED, "forwarding ended")
+
+    @staticmethod
+    async def _relay_answer(link: Link, out: Stream, writer: "ResponseWriter", status: int,
+                            headers: dict) -> None:
+        """Pass the answer arriving on ``out`` (its head already in) to ``writer``."""
+        writer.status = status
+        writer.headers = dict(headers)
+        if out._ended and out._error is None:
+            # The whole answer came with its head (the usual small one): it leaves
+            # as one response when the dispatcher finishes, no chunk loop.
+            body = b"".join(out._chunks)
+            out._chunks.clear()
+            out.buffered = 0
+            if body:
+                writer.sent += len(body)
+                writer._stash = body
+            return
+        while True:
+            try:
+                chunk = await out.read_chunk()
+            except StatusError as exc:
+                raise Unavailable(f"link to {link.peer.url} failed mid-answer: {exc}") \
+                    from None
+            if not chunk:
+                break
+            await writer.write(chunk)
 
     @staticmethod
     async def _pump_body(src: Stream, dst: Stream) -> None:
