@@ -343,8 +343,10 @@ async def test_forward_hop_dying_mid_stream_is_a_clear_error(net, direction):
     print(f"\n{direction}: {type(info.value).__name__} ({info.value.status}): {message}")
     assert info.value.status == 503
     # "link to utesla://HOST:PORT failed mid-answer: connection lost: ..." or, when the
-    # request body's relay notices first, "forward failed: connection lost: ...".
-    assert re.search(r"(link|forward).* failed.*: \S", message), message
+    # request body's relay notices first, "forwarding the body to utesla://HOST:PORT
+    # failed: connection lost: ...": either way the failed link is named.
+    assert re.search(r"(link to|forwarding the body to) utesla://127\.0\.0\.1:\d+ .*failed.*: \S",
+                     message), message
     # Only that stream failed: the client's connection to the near node serves on.
     assert (await client.get("/_node/ping")).text == "pong"
     assert client._session is session

@@ -444,7 +444,7 @@ class Network:
             except (ConnectionLost, StatusError) as exc:
                 raise _RetryableFailure(str(exc)) from None
             if not end:
-                pump = asyncio.get_running_loop().create_task(self._pump_body(stream, out))
+                pump = asyncio.get_running_loop().create_task(self._pump_body(stream, out, link.peer.url))
             try:
                 status, headers = await out.head
             except StatusError as exc:
@@ -490,14 +490,15 @@ class Network:
             await writer.write(chunk)
 
     @staticmethod
-    async def _pump_body(src: Stream, dst: Stream) -> None:
+    async def _pump_body(src: Stream, dst: Stream, url: str) -> None:
+        """Stream the client's request body on to the next hop (``url``)."""
         try:
             async for chunk in src:
                 await dst.send_body(chunk)
             await dst.end()
         except (StatusError, ConnectionLost) as exc:
             dst.reset(Status.CANCELLED, f"request body broken: {exc}")
-            src.reset(Status.UNAVAILABLE, f"forward failed: {exc}")
+            src.reset(Status.UNAVAILABLE, f"forwarding the body to {url} failed: {exc}")
 
 
 class _RetryableFailure(Exception):
