@@ -77,7 +77,7 @@ class Relay:
             return
         if out._ended and out._error is None:
             body = b"".join(out._chunks) if out._chunks else b""
-            if len(body) <= SMALL_HEAD and len(body) <= conn.send_credit(src.id):
+            if len(body) <= min(SMALL_HEAD, conn.max_chunk, conn.send_credit(src.id)):
                 out._chunks.clear()
                 out.buffered = 0
                 try:
