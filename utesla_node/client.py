@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 from protocol import Connection, Role, Settings
 from protocol.crypto import PrivateKey, PublicKey
-from protocol.errors import (AuthenticationFailed, HandshakeFailed, BadRequest, ProtocolError, RequestTimeout, Status, StatusError,
-                             Unavailable, error_for_status)
+from protocol.errors import (AuthenticationFailed, HandshakeFailed, BadRequest, Cancelled, ProtocolError,
+                             RequestTimeout, Status, StatusError, Unavailable, error_for_status)
 from protocol.messages import MAX_METHOD, MAX_PATH
 
 from .keys import load_private_key, load_public_key
@@ -75,26 +75,38 @@ class Reply:
 
 
 class ResponseStream:
-    """A response whose body is read as it arrives: ``async for chunk in resp``."""
+    """A response whose body is read as it arrives: ``async for chunk in resp``.
 
-    def __init__(self, stream: Stream, status: int, headers: dict, timeout: float | None):
+    ``timeout`` limits each wait for the next chunk (time spent by the consumer between
+    chunks does not count); when it runs out the stream is reset and the read raises
+    :class:`~protocol.errors.RequestTimeout`.
+    """
+
+    def __init__(self, stream: Stream, status: int, headers: dict, timeout: float | None,
+                 *, limit: "_TimeLimit | None" = None):
         self._stream = stream
         self.status = status
         self.headers = headers
         self._timeout = timeout
+        if limit is None:
+            limit = _TimeLimit(stream, timeout)
+        limit.idle = True
+        self._limit = limit
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iter()
 
     async def _iter(self):
+        stream, limit = self._stream, self._limit
         while True:
-            try:
-                chunk = await asyncio.wait_for(self._stream.read_chunk(), self._timeout)
-            except asyncio.TimeoutError:
-                raise RequestTimeout(f"no data for {self._timeout:g} s") from None
+            if stream.buffered or limit.seconds is None:
+                chunk = await stream.read_chunk()   # a chunk is waiting (or no limit): no timer
+            else:
+                with limit:
+                    chunk = await stream.read_chunk()
             if not chunk:
                 return
-            yield chunk
+            yield chunk                              # outside the limit: the consumer's time
 
     async def read(self) -> bytes:
         return b"".join([c async for c in self])
@@ -255,26 +267,13 @@ class Client:
         """
         timeout = self.timeout if timeout is ... else timeout
         stream = await self._open(method, path, args, body, headers, token)
-        timer = None
-        if timeout is not None:
-            # One timer per request, inline: this is the hot path.
-            timer = stream.session.loop.call_later(timeout, _expire, asyncio.current_task(),
-                                                   stream)
         try:
-            status, resp_headers = await stream.head
-            data = await stream.read_all()
-        except asyncio.CancelledError:
-            stream.reset(Status.CANCELLED, "client gave up")
-            if stream.deadline == -1.0:
-                raise RequestTimeout(f"{method} {path}: no answer within {timeout:g} s") \
-                    from None
-            raise
+            with _TimeLimit(stream, timeout, method, path):    # one timer: the hot path
+                status, resp_headers = await stream.head
+                data = await stream.read_all()
         except BaseException:
-            stream.reset(Status.CANCELLED, "client gave up")
+            stream.reset(Status.CANCELLED, "client gave up")  # a no-op after a timeout
             raise
-        finally:
-            if timer is not None:
-                timer.cancel()
         reply = Reply(status, resp_headers, data)
         return reply.raise_for_status() if check else reply
 
@@ -294,16 +293,23 @@ class Client:
     async def stream(self, method: str, path: str, *, args: dict | None = None, body=b"",
                      headers: dict | None = None, token: str | None = None,
                      timeout: float | None = ..., check: bool = True):
-        """``async with client.stream("GET", "/big") as resp: async for chunk in resp``."""
+        """``async with client.stream("GET", "/big") as resp: async for chunk in resp``.
+
+        ``timeout`` limits the wait for the head (and, with ``check``, for the body of an
+        error answer), then each wait for a chunk.
+        """
         timeout = self.timeout if timeout is ... else timeout
         stream = await self._open(method, path, args, body, headers, token)
         try:
-            async with _deadline(timeout, method, path):
+            limit = _TimeLimit(stream, timeout, method, path)
+            with limit:
                 status, resp_headers = await stream.head
-            if check and not 200 <= status < 300:
-                text = (await stream.read_all(65536)).decode("utf-8", "replace")
+                error = check and not 200 <= status < 300
+                if error:
+                    text = (await stream.read_all(65536)).decode("utf-8", "replace")
+            if error:
                 raise error_for_status(status, text)
-            yield ResponseStream(stream, status, resp_headers, timeout)
+            yield ResponseStream(stream, status, resp_headers, timeout, limit=limit)
         finally:
             if not stream.at_end:
                 stream.reset(Status.CANCELLED, "client closed the stream")
@@ -324,11 +330,6 @@ class Client:
         return reply.text
 
 
-def _expire(task: asyncio.Task, stream: Stream) -> None:
-    stream.deadline = -1.0      # marks "cancelled by its deadline"
-    task.cancel()
-
-
 def _check_request_line(method: str, path: str) -> None:
     """Refuse here what the node would refuse as a protocol error (SPEC.md §6).
 
@@ -343,29 +344,56 @@ def _check_request_line(method: str, path: str) -> None:
         raise BadRequest(f"path longer than {MAX_PATH} characters")
 
 
-@contextlib.asynccontextmanager
-async def _deadline(timeout: float | None, method: str, path: str):
-    if timeout is None:
-        yield
-        return
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    fired = False
+class _TimeLimit:
+    """The client's one timeout mechanism (``request()``, ``stream()``, each chunk wait).
 
-    def fire():
-        nonlocal fired
-        fired = True
-        task.cancel()
+    ``with limit: <awaits reading the stream>``: while the block runs, one loop timer of
+    ``seconds`` is armed (``None``: no limit).  If it fires, the stream is reset (the node
+    stops working on it; the pending read wakes with the reset's ``Cancelled``) and the
+    block raises :class:`RequestTimeout` instead; so does a block whose awaited result
+    arrived in the very loop turn the timer fired.  Other errors (a lost connection, a
+    cancelled task) pass through unchanged.
 
-    handle = loop.call_later(timeout, fire)
-    try:
-        yield
-    except asyncio.CancelledError:
-        if fired:
-            raise RequestTimeout(f"{method} {path}: no answer within {timeout:g} s") from None
-        raise
-    finally:
-        handle.cancel()
+    No task, no await and no cancellation of the caller's task: arming costs one timer
+    handle, and an outer ``asyncio.timeout()`` or ``TaskGroup`` never sees a stray
+    cancellation.  A limit may be entered again (a ResponseStream's, once per chunk wait).
+    """
+
+    __slots__ = ("stream", "seconds", "method", "path", "idle", "expired", "_handle")
+
+    def __init__(self, stream: Stream, seconds: float | None, method: str = "",
+                 path: str = ""):
+        self.stream = stream
+        self.seconds = seconds
+        self.method = method
+        self.path = path
+        self.idle = False          # True: limits each wait for a chunk ("no data for")
+        self.expired = False
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> "_TimeLimit":
+        if self.seconds is not None:
+            self._handle = self.stream.session.loop.call_later(self.seconds, self._expire)
+        return self
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        handle = self._handle
+        if handle is not None:
+            self._handle = None
+            handle.cancel()
+        if self.expired and (typ is None or issubclass(typ, Cancelled)):
+            raise RequestTimeout(self.message()) from None
+        return False
+
+    def _expire(self) -> None:
+        self._handle = None
+        self.expired = True
+        self.stream.reset(Status.CANCELLED, f"client timed out after {self.seconds:g} s")
+
+    def message(self) -> str:
+        what = "no data for" if self.idle else "no answer within"
+        prefix = f"{self.method} {self.path}: " if self.method else ""
+        return f"{prefix}{what} {self.seconds:g} s"
 
 
 # --------------------------------------------------------------------------- the blog's API

@@ -215,3 +215,85 @@ async def test_client_against_a_server_that_is_not_a_node(reply):
         await c.close()
         server.close()
         await server.wait_closed()
+
+
+STALL_SERVICE = """
+    import asyncio
+
+    class Handler:
+        async def get(self):
+            self.set_status(int(self.args.get("s", 200)))
+            await self.write("first ")
+            await self.flush()
+            await asyncio.Event().wait()           # stalls mid-body, forever
+"""
+
+
+async def test_stream_stalling_mid_body_times_out_like_request(make_node):
+    h = await make_node({"stall": STALL_SERVICE})
+    c = h.client()
+    with pytest.raises(errors.RequestTimeout) as by_request:
+        await c.get("/stall", timeout=0.3)
+    assert str(by_request.value) == "GET /stall: no answer within 0.3 s"
+    await wait_for(lambda: h.node.inflight == 0, 15)
+    async with c.stream("GET", "/stall", timeout=0.3) as resp:
+        assert resp.status == 200
+        chunks = resp.__aiter__()
+        assert await chunks.__anext__() == b"first "
+        with pytest.raises(errors.RequestTimeout) as by_stream:
+            await chunks.__anext__()
+        # Reset when the time ran out, not when the block ends: the node already stopped.
+        await wait_for(lambda: h.node.inflight == 0, 15)
+    assert type(by_stream.value) is type(by_request.value)
+    assert by_stream.value.status == 408
+    assert str(by_stream.value) == "GET /stall: no data for 0.3 s"
+    assert (await c.get("/hello_world")).text == "Hello World!"    # the connection is fine
+
+
+async def test_stream_timeout_covers_the_body_of_an_error_answer(make_node):
+    h = await make_node({"stall": STALL_SERVICE})
+    c = h.client()
+    with pytest.raises(errors.RequestTimeout):
+        async with c.stream("GET", "/stall", args={"s": 500}, timeout=0.3):
+            raise AssertionError("a 500 with check=True never reaches the block")
+    await wait_for(lambda: h.node.inflight == 0, 15)
+
+
+async def test_stream_timeout_counts_waits_not_the_consumers_time(make_node):
+    h = await make_node({"two": "class Handler:\n    async def get(self):\n"
+                                "        await self.write('a')\n        await self.flush()\n"
+                                "        await self.write('b')\n"})
+    c = h.client()
+    got = []
+    async with c.stream("GET", "/two", timeout=0.2) as resp:
+        async for chunk in resp:
+            got.append(chunk)
+            await asyncio.sleep(0.5)     # a consumer busy for longer than the timeout
+    assert b"".join(got) == b"ab"
+
+
+async def test_cancelling_a_request_is_not_a_timeout_and_resets_the_stream(node):
+    c = node.client()
+    task = asyncio.create_task(c.get("/gate", args={"name": "cancelled", "max": 60}, timeout=30))
+    await wait_for(lambda: node.node.inflight == 1, 15)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_for(lambda: node.node.inflight == 0, 15)
+    assert (await c.get("/hello_world")).text == "Hello World!"
+
+
+async def test_a_timeout_leaves_the_callers_task_uncancelled(node):
+    """The client's timeout never cancels the caller's task, so an enclosing
+    asyncio.timeout() still ends with TimeoutError (not a stray CancelledError)."""
+    c = node.client()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.8):
+            with pytest.raises(errors.RequestTimeout):
+                await c.get("/gate", args={"name": "never3"}, timeout=0.2)
+            with pytest.raises(errors.RequestTimeout):
+                async with c.stream("GET", "/gate", args={"name": "never4"},
+                                    timeout=0.2) as resp:
+                    await resp.read()
+            assert asyncio.current_task().cancelling() == 0
+            await asyncio.Event().wait()                # the outer timeout ends this
