@@ -142,10 +142,13 @@ class NodeProcess:
         self.lines: list[str] = []
 
     def start(self, timeout: float = 30.0) -> "NodeProcess":
-        self.proc = subprocess.Popen(
-            [str(BIN / "utesla-node"), *map(str, self.args)], cwd=self.folder,
-            stdout=subprocess.PIPE, stderr=open(self.folder / "node.log", "ab"), text=True,
-            env={**os.environ, **(self.env or {})})
+        # The child gets its own descriptor for the log: ours is closed once it is spawned
+        # (also when spawning fails), so no handle outlives start().
+        with open(self.folder / "node.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(BIN / "utesla-node"), *map(str, self.args)], cwd=self.folder,
+                stdout=subprocess.PIPE, stderr=log, text=True,
+                env={**os.environ, **(self.env or {})})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
@@ -165,8 +168,14 @@ class NodeProcess:
             return ""
 
     def stop(self, sig=15, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
+        """Signal the node and return its exit code; again, the same code (idempotent).
+
+        ``proc.stdout`` stays open: a test may read what the node printed after it stopped.
+        """
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is not None:
+            return self.proc.returncode
         self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
