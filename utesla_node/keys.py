@@ -15,21 +15,28 @@ class KeyFileError(Exception):
     """A key file is missing, unreadable, or not a usable key."""
 
 
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
 
     The temporary file is created with ``mode`` from the start (never briefly
-    world-readable), fsynced, then renamed over the target.
+    world-readable), then renamed over the target.  With ``durable`` (the default) the
+    file is fsynced before the rename and its directory after it, so once this returns
+    the new content survives a crash or power loss: what private keys need.
+
+    ``durable=False`` skips both fsyncs, for a file rewritten often and worthless after a
+    restart (``data/status.json``): readers still never see a partial file, but after a
+    crash the file may hold older content (on some filesystems, none).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(fd, "wb") as fh:     # owns fd from here: closed on any failure
+            os.fchmod(fh.fileno(), mode)
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -37,6 +44,8 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
         except FileNotFoundError:
             pass
         raise
+    if not durable:
+        return
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
