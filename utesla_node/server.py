@@ -130,7 +130,7 @@ class Node:
                 data = json.dumps({"updated": time.time(), "pid": os.getpid(),
                                    **self.builtins.node_status()})
                 await asyncio.get_running_loop().run_in_executor(
-                    None, write_atomic, path, data.encode(), 0o644)
+                    None, lambda: write_atomic(path, data.encode(), 0o644, durable=False))
             except OSError as exc:  # pragma: no cover
                 log.debug("cannot write %s: %s", path, exc)
             await asyncio.sleep(1.0)
