@@ -104,12 +104,15 @@ class Meter:
     def start(self):
         self.t, self.m = now(), machine_busy_s()
         self.c, self.s = time.process_time(), self._srv()
+        self.each = [cpu_s(p) for p in self.pids]
 
     def stop(self) -> dict:
         dt = now() - self.t
+        each = [round(100 * (cpu_s(p) - s0) / dt, 1) for p, s0 in zip(self.pids, self.each)]
         cli, srv = time.process_time() - self.c, self._srv() - self.s
         pct = lambda x: round(100 * x / dt, 1)
-        return {"cli_cpu_pct": pct(cli), "srv_cpu_pct": pct(srv),
+        extra = {"srv_cpu_pct_each": each} if len(each) > 1 else {}
+        return {**extra, "cli_cpu_pct": pct(cli), "srv_cpu_pct": pct(srv),
                 "other_cpu_pct": pct(max(0.0, machine_busy_s() - self.m - cli - srv))}
 
 
