@@ -76,6 +76,9 @@ class NodeConfig:
     heartbeat_interval: float = 5.0
     #: Largest number of hops a forwarded request may take.
     max_hops: int = 8
+    #: Longest wait, seconds, between renewals of this node's tokens at its peers (each
+    #: link renews on connecting, then at half the token's remaining life, at most this).
+    token_renew_interval: float = 21600.0
     #: logging level and format ("text" or "json").
     log_level: str = "INFO"
     log_format: str = "text"
@@ -191,6 +194,7 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
     ("network", "gossip_interval"): ("gossip_interval", _positive_float),
     ("network", "heartbeat_interval"): ("heartbeat_interval", _positive_float),
     ("network", "max_hops"): ("max_hops", _bounded_int(1, 64)),
+    ("network", "token_renew_interval"): ("token_renew_interval", _positive_float),
     ("logging", "level"): ("log_level", _level),
     ("logging", "format"): ("log_format", _choice("text", "json")),
     ("metrics", "listen"): ("metrics_listen", _listen),

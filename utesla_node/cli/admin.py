@@ -554,7 +554,9 @@ def show_networks(as_json, config_path):
                      "key": PublicKey.from_bytes(p.public_key).fingerprint(),
                      "state": l.get("state", "unknown (node not running?)"),
                      "rtt_ms": l.get("rtt_ms"), "routes": l.get("routes"),
-                     "last_error": l.get("last_error", "")})
+                     "last_error": l.get("last_error", ""),
+                     "token_expires_at": l.get("token_expires_at"),
+                     "renew_error": l.get("renew_error", "")})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -568,6 +570,11 @@ def show_networks(as_json, config_path):
                    f"{rtt:>7} {str(r['routes'] if r['routes'] is not None else '-'):>6}  {r['key']}")
         if r["last_error"] and r["state"] != "up":
             click.echo(f"    last error: {r['last_error']}")
+        if r["renew_error"]:
+            click.echo(f"    token renewal failed: {r['renew_error']}")
+        elif r["token_expires_at"]:
+            when = datetime.fromtimestamp(r["token_expires_at"], timezone.utc)
+            click.echo(f"    token renewed, valid until {when:%Y-%m-%d %H:%M} UTC")
 
 
 alias(main, show_networks, "show-networks")

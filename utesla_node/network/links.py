@@ -10,6 +10,7 @@ it reconnects with exponential backoff and jitter.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import struct
@@ -65,6 +66,8 @@ class Link:
         self.last_error = ""
         self.failures = 0
         self.synced = False        # the peer's first table arrived on this subscription
+        self.token_expires_at: float | None = None    # as the peer said when we renewed
+        self.renew_error = ""
         self.inflight = 0
         self.forwarded = 0
         self._task: asyncio.Task | None = None
@@ -142,13 +145,48 @@ class Link:
 
     async def _serve(self) -> None:
         """Keep the subscription open and the heartbeat going until the link fails."""
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        loop = asyncio.get_running_loop()
+        heartbeat = loop.create_task(self._heartbeat())
+        renewer = loop.create_task(self._renew_token())
         try:
             while True:
                 self._resubscribe.clear()
                 await self._subscription()
         finally:
             heartbeat.cancel()
+            renewer.cancel()
+
+    async def _renew_token(self) -> None:
+        """Keep our token at the peer alive while the link is up: renew it now, then at
+        half its remaining life (at most ``token_renew_interval`` apart).  Without this a
+        link would die when the token the admin gave ``add_network`` expires."""
+        cfg = self.network.node.config
+        while True:
+            delay = min(cfg.token_renew_interval, 60.0)
+            try:
+                stream = self.session.open_stream("POST", "/_node/token/renew",
+                                                  token=self.peer.token)
+                status, _ = await asyncio.wait_for(stream.head, cfg.handshake_timeout)
+                body = await asyncio.wait_for(stream.read_all(4096), cfg.handshake_timeout)
+                if status != Status.OK:
+                    raise StatusError(body.decode("utf-8", "replace")[:200], status)
+                expires_at = float(json.loads(body)["expires_at"])
+                self.token_expires_at = expires_at
+                if self.renew_error:
+                    log.info("link to %s: token renewed again", self.peer.url)
+                self.renew_error = ""
+                left = expires_at - time.time()
+                delay = max(1.0, min(cfg.token_renew_interval, left / 2))
+            except asyncio.CancelledError:
+                raise
+            except (StatusError, ProtocolError, ConnectionLost, asyncio.TimeoutError,
+                    ValueError, KeyError, TypeError) as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                if why != self.renew_error:
+                    log.warning("link to %s: cannot renew our token there: %s", self.peer.url,
+                                why)
+                self.renew_error = why
+            await asyncio.sleep(delay)
 
     async def _subscription(self) -> None:
         node = self.network.node
@@ -233,5 +271,6 @@ class Link:
                 "state": self.state, "synced": self.synced,
                 "since": self.since, "rtt_ms": round(self.rtt * 1000, 3) if self.rtt else None,
                 "last_error": self.last_error, "inflight": self.inflight,
+                "token_expires_at": self.token_expires_at, "renew_error": self.renew_error,
                 "forwarded": self.forwarded,
                 "routes": len(self.network.engine.learned.get(self.peer_id, {}))}
