@@ -551,9 +551,15 @@ class Authority:
             raise Forbidden(f"user {user.name!r} may not use {service_path!r}")
 
     async def renew(self, token: str, session_user: str) -> Token:
-        """Extend a live token of ``session_user`` to ``token_expire`` seconds from now."""
+        """Extend a live token of ``session_user`` by the lifetime it was issued with.
+
+        That is ``token_expire`` seconds from now for a token issued with the full lifetime,
+        and never more than the token was issued for: renewing needs only the token and the
+        key, so it must not turn a token asked for with a short ``expire`` into a long one.
+        """
         record = await self._live_token(token, session_user)
-        expires_at = self.clock() + self.token_expire
+        lifetime = min(self.token_expire, record.expires_at - record.created_at)
+        expires_at = self.clock() + lifetime
         if not await self.storage.renew_token(record.token_hash, expires_at):
             raise Unauthorized(INVALID_TOKEN)  # revoked or deleted meanwhile
         return replace(record, expires_at=expires_at)

@@ -474,3 +474,17 @@ def test_authority_rejects_bad_lifetimes() -> None:
     for bad in (0, -1, float("inf"), float("nan")):
         with pytest.raises(ValueError):
             Authority(None, token_expire=bad)  # type: ignore[arg-type]
+
+
+async def test_renew_keeps_a_shortened_lifetime(
+    authority: Authority, storage: Storage, clock: Clock
+) -> None:
+    # Renewing needs only the token and the key: it must not lengthen a token issued with a
+    # short ``expire`` to the full ``token_expire``.
+    await add_user(storage)
+    token, record = await authority.issue_token("alice", expire=60)
+    assert record.expires_at == T0 + 60
+    clock.now = T0 + 50
+    renewed = await authority.renew(token, "alice")
+    assert renewed.expires_at == clock.now + 60
+    assert (await storage.get_token(renewed.token_hash)).expires_at == clock.now + 60
