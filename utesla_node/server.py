@@ -355,7 +355,8 @@ class Node:
         try:
             found = await self.authority.resolve(token or "", session.peer_user or "")
         except BaseException as exc:
-            cache.pop(key, None)
+            if cache.get(key, (None, None, None))[2] is pending:
+                del cache[key]
             if isinstance(exc, auth.Unauthorized):
                 self.metrics.incr("auth_failures")
                 err = Unauthorized(str(exc))
@@ -370,7 +371,10 @@ class Node:
             raise err from None
         record, user = found
         found = (record, user, record.scopes == ("*",) and user.scopes == ("*",))
-        cache[key] = (now + self.config.token_cache_ttl, found, None)
+        if cache.get(key, (None, None, None))[2] is pending:
+            # Unless forget_token() dropped the entry meanwhile (the token was revoked or
+            # renewed here while we read it): then what we read must not outlive this request.
+            cache[key] = (now + self.config.token_cache_ttl, found, None)
         pending.set_result(found)
         return found
 
@@ -426,7 +430,8 @@ class Builtins:
                                        or not all(isinstance(s, str) for s in scopes)):
                 raise BadRequest("argument 'scopes' must be a list of service globs")
             expire = args.get("expire")
-            if expire is not None and not isinstance(expire, (int, float)):
+            if expire is not None and (not isinstance(expire, (int, float))
+                                       or isinstance(expire, bool)):
                 raise BadRequest("argument 'expire' must be a number of seconds")
             token, record = await authority.issue_token(session.peer_user, scopes, expire)
         except auth.Unauthorized:
