@@ -551,18 +551,21 @@ class Authority:
             raise Forbidden(f"user {user.name!r} may not use {service_path!r}")
 
     async def renew(self, token: str, session_user: str) -> Token:
-        """Extend a live token of ``session_user`` by the lifetime it was issued with.
+        """Issue a live token of ``session_user`` again: valid from now for its lifetime.
 
-        That is ``token_expire`` seconds from now for a token issued with the full lifetime,
-        and never more than the token was issued for: renewing needs only the token and the
-        key, so it must not turn a token asked for with a short ``expire`` into a long one.
+        That is ``token_expire`` seconds for a token issued with the full lifetime, and never
+        more than the token was issued for: renewing needs only the token and the key, so it
+        must not turn a token asked for with a short ``expire`` into a long one.  The lifetime
+        is ``expires_at - created_at``, so the renewal moves ``created_at`` to now as well
+        (otherwise each renewal would lengthen the next).
         """
         record = await self._live_token(token, session_user)
         lifetime = min(self.token_expire, record.expires_at - record.created_at)
-        expires_at = self.clock() + lifetime
-        if not await self.storage.renew_token(record.token_hash, expires_at):
+        now = self.clock()
+        expires_at = now + lifetime
+        if not await self.storage.renew_token(record.token_hash, expires_at, issued_at=now):
             raise Unauthorized(INVALID_TOKEN)  # revoked or deleted meanwhile
-        return replace(record, expires_at=expires_at)
+        return replace(record, created_at=now, expires_at=expires_at)
 
     async def revoke(self, token: str, session_user: str) -> bool:
         """Revoke a token of ``session_user``.

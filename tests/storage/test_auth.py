@@ -488,3 +488,9 @@ async def test_renew_keeps_a_shortened_lifetime(
     renewed = await authority.renew(token, "alice")
     assert renewed.expires_at == clock.now + 60
     assert (await storage.get_token(renewed.token_hash)).expires_at == clock.now + 60
+    # Renewing again and again never lets the lifetime grow (the renewal is the new issue).
+    for _ in range(5):
+        clock.now = renewed.expires_at - 1
+        renewed = await authority.renew(token, "alice")
+        assert renewed.expires_at == clock.now + 60
+        assert await storage.get_token(renewed.token_hash) == renewed

@@ -233,6 +233,19 @@ async def test_revoke_renew_delete_purge(storage: Storage) -> None:
     assert await storage.delete_token(live.token_hash) is False
 
 
+async def test_renew_with_issued_at_moves_created_at(storage: Storage) -> None:
+    # What keeps a renewed token's lifetime (expires_at - created_at) from growing.
+    await storage.add_user(user("alice", token_limit=0))
+    tok = token("alice", "t")
+    await storage.add_token(tok, limit=0, now=T0)
+    assert await storage.renew_token(tok.token_hash, T0 + 2 * DAY, issued_at=T0 + DAY) is True
+    renewed = await storage.get_token(tok.token_hash)
+    assert (renewed.created_at, renewed.expires_at) == (T0 + DAY, T0 + 2 * DAY)
+    assert await storage.renew_token(tok.token_hash, T0 + 3 * DAY) is True    # created_at kept
+    renewed = await storage.get_token(tok.token_hash)
+    assert (renewed.created_at, renewed.expires_at) == (T0 + DAY, T0 + 3 * DAY)
+
+
 async def test_delete_user_deletes_tokens(storage: Storage) -> None:
     await storage.add_user(user("alice"))
     tok = token("alice")

@@ -361,9 +361,13 @@ class Storage(abc.ABC):
         """Revoke every token of ``user``; returns how many were not revoked before."""
 
     @abc.abstractmethod
-    async def renew_token(self, token_hash: bytes, expires_at: float) -> bool:
+    async def renew_token(
+        self, token_hash: bytes, expires_at: float, issued_at: float | None = None
+    ) -> bool:
         """Set a new expiry on a token that is not revoked.  False if unknown or revoked.
 
+        With ``issued_at``, ``created_at`` becomes that time too: a renewal is a new issue of
+        the same token, and ``expires_at - created_at`` stays the lifetime it is renewed for.
         Whether the token had already expired is the caller's business (it knows "now").
         """
 

@@ -514,13 +514,18 @@ class MariaDBStorage(Storage):
             "UPDATE tokens SET revoked = 1 WHERE user_name = %s AND revoked = 0", (user,)
         )
 
-    async def renew_token(self, token_hash: bytes, expires_at: float) -> bool:
+    async def renew_token(
+        self, token_hash: bytes, expires_at: float, issued_at: float | None = None
+    ) -> bool:
         if not valid_hash(token_hash):
             return False
         expires_at = check_time(expires_at, "expires_at")
+        if issued_at is not None:
+            issued_at = check_time(issued_at, "issued_at")
         return await self._rowcount(
-            "UPDATE tokens SET expires_at = %s WHERE token_hash = UNHEX(%s) AND revoked = 0",
-            (expires_at, _hex(token_hash)),
+            "UPDATE tokens SET expires_at = %s, created_at = COALESCE(%s, created_at) "
+            "WHERE token_hash = UNHEX(%s) AND revoked = 0",
+            (expires_at, issued_at, _hex(token_hash)),
         ) > 0
 
     async def delete_token(self, token_hash: bytes) -> bool:

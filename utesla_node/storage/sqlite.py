@@ -482,14 +482,19 @@ class SQLiteStorage(Storage):
             ).rowcount
         )
 
-    async def renew_token(self, token_hash: bytes, expires_at: float) -> bool:
+    async def renew_token(
+        self, token_hash: bytes, expires_at: float, issued_at: float | None = None
+    ) -> bool:
         if not valid_hash(token_hash):
             return False
         expires_at = check_time(expires_at, "expires_at")
+        if issued_at is not None:
+            issued_at = check_time(issued_at, "issued_at")
         return await self._write(
             lambda conn: conn.execute(
-                "UPDATE tokens SET expires_at = ? WHERE token_hash = ? AND revoked = 0",
-                (expires_at, bytes(token_hash)),
+                "UPDATE tokens SET expires_at = ?, created_at = COALESCE(?, created_at) "
+                "WHERE token_hash = ? AND revoked = 0",
+                (expires_at, issued_at, bytes(token_hash)),
             ).rowcount > 0
         )
 
