@@ -56,6 +56,8 @@ class Network:
         self._tasks: list[asyncio.Task] = []
         self.relays = 0                           # requests on the fast path (relay.py)
         self.relays_idle: asyncio.Future | None = None
+        #: Dispatcher tasks relays handed over to (a stopping node waits for them too).
+        self.handovers: set[asyncio.Task] = set()
 
     # -------------------------------------------------------------- lifecycle
 
@@ -317,10 +319,18 @@ class Network:
         return visited, hops
 
     async def wait_relays(self) -> None:
-        """Until no request is on the fast path (a stopping node's grace period)."""
-        while self.relays:
-            self.relays_idle = asyncio.get_running_loop().create_future()
-            await self.relays_idle
+        """Until no request is on the fast path, nor in a task one handed over to (a
+        stopping node's grace period: those tasks began after it listed the running ones)."""
+        while self.relays or self.handovers:
+            if self.relays:
+                self.relays_idle = asyncio.get_running_loop().create_future()
+                await self.relays_idle
+            else:
+                await asyncio.wait(set(self.handovers))
+
+    def handed_over(self, task: asyncio.Task) -> None:
+        self.handovers.add(task)
+        task.add_done_callback(self.handovers.discard)
 
     def relay_now(self, session: Session, stream: Stream) -> bool:
         """Forward ``stream``'s request at once, without a task, if it is the common

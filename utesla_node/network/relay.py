@@ -103,7 +103,7 @@ class Relay:
                           self.src.request.path, self.link.peer.url, exc)
                 self._settle(keep_body=True)
                 if self.session.conn.is_open(self.src.id) and self.src._error is None:
-                    self.session.spawn_request(self.src)
+                    self.net.handed_over(self.session.spawn_request(self.src))
                 else:
                     self.session.request_done(self.src, lone=False)
             else:
@@ -145,17 +145,22 @@ class Relay:
 
         async def rest(session, stream, writer) -> None:
             writer.forwarded = True
-            try:
-                await net._relay_answer(link, out, writer, status, headers)
-            finally:
-                link.inflight -= 1
-                if not out.at_end and link.session is not None \
-                        and link.session.conn.is_open(out.id):
-                    out.reset(Status.CANCELLED, "forwarding ended")
+            await net._relay_answer(link, out, writer, status, headers)
+
+        def ended(_task) -> None:
+            # A done callback, not a ``finally`` in rest(): it runs even for a task
+            # cancelled before its first step (the client's reset read in the same loop
+            # turn as the answer's head), which would leave the link's count and the
+            # far request behind.
+            link.inflight -= 1
+            if not out.at_end and out.session.conn.is_open(out.id):
+                out.reset(Status.CANCELLED, "forwarding ended")
 
         left = max(0.001, self.deadline - time.monotonic())
-        self.session.spawn_request(self.src, functools.partial(
+        task = self.session.spawn_request(self.src, functools.partial(
             net.node.dispatcher, serve=rest, timeout=left))
+        task.add_done_callback(ended)
+        net.handed_over(task)
 
     # -------------------------------------------------------------- bookkeeping
 
