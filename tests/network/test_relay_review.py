@@ -61,3 +61,81 @@ async def test_a_hand_over_cancelled_before_it_ran_frees_the_link(net, relays, m
                 pass
     # The link is free again and the far request is cancelled, not left streaming.
     await wait_for(lambda: settled(a) and b.node.inflight == 0, 5)
+
+
+async def test_a_retry_after_a_late_link_failure_keeps_the_entry_deadline(net, relays):
+    from protocol.errors import RequestTimeout
+    from helpers import WHOAMI_SERVICE as WHOAMI
+    import re
+    import time
+
+    a = await net.node("a", request_timeout=2)
+    b = await net.node("b", {"whoami": WHOAMI})
+    c_node = await net.node("c", {"whoami": WHOAMI})
+    await net.link(a, b, priority=0)
+    await net.link(a, c_node, priority=5)                   # B is preferred
+    await wait_for(lambda: len(routes(a, "whoami")) == 2, 10)
+    c = a.client()
+    await c.get("/whoami")
+    t0 = time.monotonic()
+    pending = asyncio.ensure_future(c.get("/whoami", args={"delay": 5}, timeout=15))
+    await wait_for(lambda: b.node.inflight == 1, 5)          # relayed through B
+    assert relays and not relays[-1].done
+    await asyncio.sleep(1.0)        # the scenario: the route dies late in the deadline
+    await net.kill(b)
+    with pytest.raises(RequestTimeout) as info:
+        await pending
+    # C was given what was left of A's 2 s, not a fresh 2 s (1.9 s for C).
+    limit = float(re.search(r"longer than ([0-9.]+) s", str(info.value)).group(1))
+    assert limit < 1.5, str(info.value)
+    assert time.monotonic() - t0 < 2.6
+    await wait_for(lambda: settled(a), 5)
+
+
+HEADED = """
+    class Handler:
+        async def get(self):
+            self.set_status(203)
+            self.set_header("x-kind", "headed")
+            await self.write("body")
+
+        async def head(self):
+            self.set_status(204)
+            self.set_header("x-kind", "head only")
+"""
+
+
+async def test_head_and_headers_come_back_as_the_far_node_sent_them(net, relays):
+    a, b = await pair(net, {"headed": HEADED})
+    c = a.client()
+    await c.get("/headed")                                   # caches the token
+    n = len(relays)
+    got = await c.get("/headed", check=False)
+    head = await c.request("HEAD", "/headed", check=False)
+    assert len(relays) == n + 2                              # both on the fast path
+    direct = b.client()
+    want = await direct.get("/headed", check=False)
+    want_head = await direct.request("HEAD", "/headed", check=False)
+    assert (got.status, got.headers, got.body) == (want.status, want.headers, want.body)
+    assert (head.status, head.headers, head.body) == \
+        (want_head.status, want_head.headers, want_head.body)
+    await wait_for(lambda: settled(a), 5)
+
+
+async def test_a_client_dropping_its_connection_cancels_every_pending_relay(net, relays):
+    from helpers import WHOAMI_SERVICE as WHOAMI, abort_connection
+
+    a, b = await pair(net, {"whoami": WHOAMI})
+    c = a.client()
+    await c.get("/whoami")
+    n = len(relays)
+    pending = [asyncio.ensure_future(c.get("/whoami", args={"delay": 3}, timeout=15))
+               for _ in range(5)]
+    await wait_for(lambda: a.node.network.relays == 5 and b.node.inflight == 5, 5)
+    assert len(relays) == n + 5
+    abort_connection(c._session.writer)                      # the client's host is gone
+    for p in pending:
+        with pytest.raises(Exception):
+            await p
+    await wait_for(lambda: settled(a) and b.node.inflight == 0, 5)
+    assert all(r.done for r in relays)

@@ -98,12 +98,15 @@ class Relay:
         try:
             if stream is self.out:
                 # No answer came back: the dispatcher serves the request from the start
-                # (idempotent, whole body here), on another route if this one is gone.
+                # (idempotent, whole body here), on another route if this one is gone,
+                # within what is left of the deadline (not a fresh one).
                 log.debug("relay of %s via %s failed unanswered (%s): general path",
                           self.src.request.path, self.link.peer.url, exc)
                 self._settle(keep_body=True)
                 if self.session.conn.is_open(self.src.id) and self.src._error is None:
-                    self.net.handed_over(self.session.spawn_request(self.src))
+                    left = max(0.001, self.deadline - time.monotonic())
+                    self.net.handed_over(self.session.spawn_request(self.src, functools.partial(
+                        self.net.node.dispatcher, timeout=left)))
                 else:
                     self.session.request_done(self.src, lone=False)
             else:
