@@ -284,6 +284,16 @@ _SIMPLE_REQUEST_KEYS = frozenset(("t", "i", "m", "p", "k", "b", "f"))
 _RESPONSE_KEYS = frozenset(("t", "i", "s", "h", "b", "f"))
 
 
+def _plain_request_fields(i, meth, path, k, b, f) -> bool:
+    """The checks ``decode`` makes on a REQUEST's id, method, path, token, body and flag
+    (args, headers and envelope apart): the one statement of them for both fast paths."""
+    return (type(i) is int and 0 <= i <= MAX_STREAM_ID and type(meth) is str
+            and 0 < len(meth) <= MAX_METHOD and meth.isascii() and meth.isalpha()
+            and type(path) is str and len(path) <= MAX_PATH and path[:1] == "/"
+            and (k is None or (type(k) is str and len(k) <= MAX_TOKEN and k.isascii()))
+            and type(b) is bytes and type(f) is bool)
+
+
 def _fast(obj: dict, t: int):
     """Hot-path decoders for DATA and plain RESPONSE maps; None falls back to the table."""
     if t == T_DATA and obj.keys() <= _DATA_KEYS:
@@ -295,11 +305,7 @@ def _fast(obj: dict, t: int):
         # No args, headers or envelope: the common request, checked inline.
         i, meth, path = obj.get("i"), obj.get("m"), obj.get("p")
         k, b, f = obj.get("k"), obj.get("b", b""), obj.get("f", True)
-        if (type(i) is int and 0 <= i <= MAX_STREAM_ID and type(meth) is str
-                and 0 < len(meth) <= MAX_METHOD and meth.isascii() and meth.isalpha()
-                and type(path) is str and len(path) <= MAX_PATH and path[:1] == "/"
-                and (k is None or (type(k) is str and len(k) <= MAX_TOKEN and k.isascii()))
-                and type(b) is bytes and type(f) is bool):
+        if _plain_request_fields(i, meth, path, k, b, f):
             return Request(i, meth.upper(), path, k, None, {}, b, f, None)
     elif t == T_RESPONSE and obj.keys() <= _RESPONSE_KEYS and "h" not in obj:
         i, st, b, f = obj.get("i"), obj.get("s"), obj.get("b", b""), obj.get("f", True)
@@ -313,13 +319,9 @@ def plain_request_ok(msg: Request) -> bool:
     """Whether a REQUEST with no args or headers passes :func:`decode` as the peer will
     run it, checked on the object itself (the send-side hot path; False: not sure, run
     the full check).  Its envelope, if any, must be a map within the nesting limit."""
-    meth, path, k, env = msg.method, msg.path, msg.token, msg.envelope
-    if not (type(msg.stream_id) is int and 0 <= msg.stream_id <= MAX_STREAM_ID
-            and type(meth) is str and 0 < len(meth) <= MAX_METHOD and meth.isascii()
-            and meth.isalpha() and meth.isupper()
-            and type(path) is str and len(path) <= MAX_PATH and path[:1] == "/"
-            and (k is None or (type(k) is str and len(k) <= MAX_TOKEN and k.isascii()))
-            and type(msg.body) is bytes and type(msg.end) is bool):
+    meth, env = msg.method, msg.envelope
+    if not (_plain_request_fields(msg.stream_id, meth, msg.path, msg.token, msg.body, msg.end)
+            and meth.isupper()):        # decode upper-cases: the peer would read another
         return False
     if env is not None:
         # The envelope shape nodes send: string keys, scalar values or lists of scalars.

@@ -22,7 +22,7 @@ from .transport import ConnectionLost, Session, Stream
 if TYPE_CHECKING:  # pragma: no cover
     from .server import Node
 
-__all__ = ["Dispatcher", "ResponseWriter", "BUILTIN_PREFIX"]
+__all__ = ["Dispatcher", "ResponseWriter", "BUILTIN_PREFIX", "request_timeout"]
 
 log = logging.getLogger("utesla.request")
 #: Built-in services live under this prefix; user services cannot start with '_'.
@@ -30,6 +30,16 @@ BUILTIN_PREFIX = "/_node/"
 _FIRST_WRITE_DEFER = 16384
 #: Streams that stay open by design (gossip subscriptions): no request deadline.
 LONG_LIVED = frozenset({"/_node/net/routes"})
+
+
+def request_timeout(config, envelope: dict | None) -> float:
+    """Seconds a request may take here: ``request_timeout``, or less when it came
+    forwarded with the entry node's time left (``ttl`` in its envelope, SPEC.md §6.7)."""
+    timeout = config.request_timeout
+    ttl = envelope.get("ttl") if envelope else None
+    if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+        timeout = max(0.001, min(timeout, ttl))
+    return timeout
 
 
 class ResponseWriter:
@@ -187,10 +197,7 @@ class Dispatcher:
             task.cancel()
 
         if timeout is None:
-            timeout = node.config.request_timeout
-            ttl = req.envelope.get("ttl") if req.envelope else None
-            if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
-                timeout = max(0.001, min(timeout, ttl))   # the entry node's deadline, carried
+            timeout = request_timeout(node.config, req.envelope)
         deadline = None
         if req.path not in LONG_LIVED:
             deadline = session.loop.call_later(timeout, on_deadline)

@@ -88,26 +88,28 @@ class Metrics:
                        f'status="{status}"}} {n}')
         for name, h in sorted(self.other_latency.items()):
             out.append(f"# TYPE utesla_{name}_seconds histogram")
-            acc = 0
-            for bound, c in zip(BUCKETS + (float("inf"),), h.counts):
-                acc += c
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                out.append(f'utesla_{name}_seconds_bucket{{le="{le}"}} {acc}')
-            out.append(f"utesla_{name}_seconds_sum {h.total}")
-            out.append(f"utesla_{name}_seconds_count {h.n}")
+            out += _histogram(f"utesla_{name}_seconds", "", h)
         out.append("# TYPE utesla_service_requests counter")
         for (svc, status), n in sorted(self.requests.items()):
             out.append(f'utesla_service_requests{{service="{_esc(svc)}",status="{status}"}} {n}')
         out.append("# TYPE utesla_service_seconds histogram")
         for svc, h in sorted(self.latency.items()):
-            acc = 0
-            for bound, c in zip(BUCKETS + (float("inf"),), h.counts):
-                acc += c
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                out.append(f'utesla_service_seconds_bucket{{service="{_esc(svc)}",le="{le}"}} {acc}')
-            out.append(f'utesla_service_seconds_sum{{service="{_esc(svc)}"}} {h.total}')
-            out.append(f'utesla_service_seconds_count{{service="{_esc(svc)}"}} {h.n}')
+            out += _histogram("utesla_service_seconds", f'service="{_esc(svc)}"', h)
         return "\n".join(out) + "\n"
+
+
+def _histogram(name: str, labels: str, h: "_Histogram") -> list[str]:
+    """Prometheus lines of one histogram: cumulative buckets, sum, count."""
+    lines, acc = [], 0
+    sep = "," if labels else ""
+    for bound, c in zip(BUCKETS + (float("inf"),), h.counts):
+        acc += c
+        le = "+Inf" if bound == float("inf") else repr(bound)
+        lines.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {acc}')
+    tail = f"{{{labels}}}" if labels else ""
+    lines.append(f"{name}_sum{tail} {h.total}")
+    lines.append(f"{name}_count{tail} {h.n}")
+    return lines
 
 
 def _esc(v: str) -> str:

@@ -313,15 +313,15 @@ class Node:
         # are checked against each request's own path (a token for ``files/public``
         # must not open ``files/private`` because it was just used for the former).
         key = (token, session.peer_user)
-        now = time.monotonic()
-        hit = cache.get(key)
-        if hit is not None and hit[0] > now and hit[1][0].expires_at > self.authority.clock():
-            record, user, unrestricted = hit[1]
-        elif hit is not None and hit[2] is not None:   # a check for this key is running
-            record, user, unrestricted = await asyncio.shield(hit[2])
-        else:       # not cached, stale, or expired while cached (renewed elsewhere?): ask
-            record, user, unrestricted = await self._resolve_token(cache, key, token, session,
-                                                                   now)
+        found = self._cached_token(key)
+        if found is None:
+            hit = cache.get(key)
+            if hit is not None and hit[2] is not None:   # a check for this key is running
+                found = await asyncio.shield(hit[2])
+            else:   # not cached, stale, or expired while cached (renewed elsewhere?): ask
+                found = await self._resolve_token(cache, key, token, session,
+                                                  time.monotonic())
+        record, user, unrestricted = found
         if not unrestricted:
             try:
                 auth.Authority.allow(record, user, service_path)
@@ -332,18 +332,26 @@ class Node:
     def authorize_now(self, session: Session, token: str | None, service_path: str):
         """The user, when a fresh cached check of ``token`` allows ``service_path``; None
         when that takes a lookup or the answer is no (``authorize`` then says why)."""
-        hit = self._token_cache.get((token, session.peer_user))
-        if hit is None or hit[2] is not None or hit[0] <= time.monotonic():
+        found = self._cached_token((token, session.peer_user))
+        if found is None:
             return None
-        record, user, unrestricted = hit[1]
-        if record.expires_at <= self.authority.clock():
-            return None
+        record, user, unrestricted = found
         if not unrestricted:
             try:
                 auth.Authority.allow(record, user, service_path)
             except auth.Forbidden:
                 return None
         return user
+
+    def _cached_token(self, key: tuple):
+        """(record, user, unrestricted) of a fresh, finished cache entry whose token has
+        not expired meanwhile; None otherwise."""
+        hit = self._token_cache.get(key)
+        if hit is None or hit[2] is not None or hit[0] <= time.monotonic():
+            return None
+        if hit[1][0].expires_at <= self.authority.clock():
+            return None
+        return hit[1]
 
     async def _resolve_token(self, cache: dict, key: tuple, token: str | None,
                              session: Session, now: float) -> tuple:

@@ -202,6 +202,12 @@ class Stream:
         if not self._sent_end:
             await self.send_body(b"", end=True)
 
+    def abandon(self, reason: str) -> None:
+        """Reset a stream we opened unless its answer has ended or it is already closed
+        (the far side should stop working on a request nobody waits for any more)."""
+        if not self.at_end and self.session.conn.is_open(self.id):
+            self.reset(Status.CANCELLED, reason)
+
     def reset(self, status: int = Status.CANCELLED, reason: str = "") -> None:
         """Abort the stream both ways (a no-op once it is finished)."""
         self.session.conn.reset_stream(self.id, status, reason)

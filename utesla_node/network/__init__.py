@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from protocol.errors import (BadRequest, GatewayTimeout, LoopDetected, NotFound, Status,
                              StatusError, Unavailable, error_for_status)
 
-from ..dispatch import BUILTIN_PREFIX
+from ..dispatch import BUILTIN_PREFIX, request_timeout
 from ..services import split_path
 from ..storage import StorageError
 from ..transport import ConnectionLost, Session, Stream
@@ -206,10 +206,10 @@ class Network:
 
     def routes_summary(self) -> list[dict]:
         out = []
+        by_peer = self._links_by_peer()
         for svc, cands in sorted(self.engine.best.items()):
             if svc in self.engine.local:
                 continue
-            by_peer = {link.peer_id: link for link in self.links.values()}
             best = cands[0]
             link = by_peer.get(best[0])
             out.append({"path": "/" + svc, "origin": best[1].origin,
@@ -360,13 +360,8 @@ class Network:
         body = b"".join(stream._chunks) if stream._chunks else b""
         if len(body) > min(out_conn.peer_window, out_conn.max_chunk):
             return False
-        cfg = node.config
-        timeout = cfg.request_timeout
-        env = req.envelope
-        ttl = env.get("ttl") if env else None
-        if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
-            timeout = max(0.001, min(timeout, ttl))
-        envelope = self._envelope(env, user, visited, hops, timeout)
+        timeout = request_timeout(node.config, req.envelope)
+        envelope = self._envelope(req.envelope, user, visited, hops, timeout)
         try:
             out = link.session.open_stream(req.method, req.path, token=link.peer.token,
                                            args=req.args, headers=req.headers, body=body,
@@ -470,8 +465,8 @@ class Network:
             raise
         finally:
             link.inflight -= 1
-            if out is not None and not out.at_end and session.conn.is_open(out.id):
-                out.reset(Status.CANCELLED, "forwarding ended")
+            if out is not None:
+                out.abandon("forwarding ended")
 
     @staticmethod
     async def _relay_answer(link: Link, out: Stream, writer: "ResponseWriter", status: int,

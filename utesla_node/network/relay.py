@@ -20,6 +20,7 @@ which then behaves exactly as if it had had the request from the start:
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -70,10 +71,7 @@ class Relay:
             return
         out, src, conn = self.out, self.src, self.session.conn
         if not conn.is_open(src.id):                 # the client is gone meanwhile
-            self._settle()
-            self._drop_out("the client went away")
-            self._log(Status.CANCELLED, 0)
-            self.session.request_done(src, lone=False)
+            self._end(Status.CANCELLED, 0, drop="the client went away")
             return
         if out._ended and out._error is None:
             body = b"".join(out._chunks) if out._chunks else b""
@@ -85,9 +83,7 @@ class Relay:
                 except LocalProtocolError:           # the client's stream went away
                     status, body = Status.CANCELLED, b""
                 self.session.schedule_flush()
-                self._settle()
-                self._log(status, len(body))
-                self.session.request_done(src, lone=False)
+                self._end(status, len(body))
                 return
         self._hand_over(status, headers)
 
@@ -104,17 +100,12 @@ class Relay:
                           self.src.request.path, self.link.peer.url, exc)
                 self._settle(keep_body=True)
                 if self.session.conn.is_open(self.src.id) and self.src._error is None:
-                    left = max(0.001, self.deadline - time.monotonic())
-                    self.net.handed_over(self.session.spawn_request(self.src, functools.partial(
-                        self.net.node.dispatcher, timeout=left)))
+                    self._spawn()
                 else:
                     self.session.request_done(self.src, lone=False)
             else:
                 # The client reset the stream or went away: nobody wants the answer.
-                self._settle()
-                self._drop_out("the client went away")
-                self._log(Status.CANCELLED, 0)
-                self.session.request_done(self.src, lone=False)
+                self._end(Status.CANCELLED, 0, drop="the client went away")
         except Exception:  # pragma: no cover - called from transport internals
             log.exception("relay failure handling")
 
@@ -122,8 +113,6 @@ class Relay:
         if self.done:
             return
         self.timer = None
-        self._settle()
-        self._drop_out("deadline")
         timeout = self.deadline - self.t0
         path = self.src.request.path
         body = f"the node serving {path} did not answer within {timeout:g} s".encode()
@@ -135,8 +124,7 @@ class Relay:
             except LocalProtocolError:
                 status = Status.CANCELLED
             self.session.schedule_flush()
-        self._log(status, len(body))
-        self.session.request_done(self.src, lone=False)
+        self._end(status, len(body), drop="deadline")
 
     # -------------------------------------------------------------- hand-over
 
@@ -156,14 +144,19 @@ class Relay:
             # turn as the answer's head), which would leave the link's count and the
             # far request behind.
             link.inflight -= 1
-            if not out.at_end and out.session.conn.is_open(out.id):
-                out.reset(Status.CANCELLED, "forwarding ended")
+            out.abandon("forwarding ended")
 
+        self._spawn(rest).add_done_callback(ended)
+
+    def _spawn(self, serve=None) -> asyncio.Task:
+        """The dispatcher takes the request over in a task (``serve``: from the answer's
+        head on; None: from the start), within what is left of the deadline; a stopping
+        node waits for it like for a relay."""
         left = max(0.001, self.deadline - time.monotonic())
         task = self.session.spawn_request(self.src, functools.partial(
-            net.node.dispatcher, serve=rest, timeout=left))
-        task.add_done_callback(ended)
-        net.handed_over(task)
+            self.net.node.dispatcher, serve=serve, timeout=left))
+        self.net.handed_over(task)
+        return task
 
     # -------------------------------------------------------------- bookkeeping
 
@@ -184,11 +177,14 @@ class Relay:
         if not net.relays and net.relays_idle is not None and not net.relays_idle.done():
             net.relays_idle.set_result(None)
 
-    def _drop_out(self, why: str) -> None:
-        out = self.out
-        session = self.link.session
-        if not out.at_end and session is not None and session.conn.is_open(out.id):
-            out.reset(Status.CANCELLED, why)
+    def _end(self, status: int, sent: int, drop: str | None = None) -> None:
+        """The request is over here: books, log, and the client's stream freed; ``drop``:
+        the far request is abandoned, for that reason."""
+        self._settle()
+        if drop is not None:
+            self.out.abandon(drop)
+        self._log(status, sent)
+        self.session.request_done(self.src, lone=False)
 
     def _log(self, status: int, sent: int) -> None:
         elapsed = time.monotonic() - self.t0
