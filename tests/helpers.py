@@ -525,7 +525,64 @@ class SlowReaderProxy:
 
 
 # --------------------------------------------------------------------------- shared fixtures
+def examples(*names: str) -> dict[str, str]:
+    """Services from the project's complements/, by name: {name: source}."""
+    return {n: (REPO / "complements" / f"{n}.py").read_text() for n in names}
+
+
+def fp(h: "NodeHarness") -> str:
+    """A node's id (its key's fingerprint): what WHOAMI_SERVICE answers."""
+    return h.key.public.fingerprint()
+
+
+async def pair(net: "Net", services: dict[str, str], **settings):
+    """Node ``a`` (no services; ``settings``) linked to node ``b`` (``services``), once
+    ``a`` routes every one of them."""
+    a = await net.node("a", **settings)
+    b = await net.node("b", services)
+    await net.link(a, b)
+    await wait_for(lambda: all(routes(a, s) for s in services), 10)
+    return a, b
+
+
+async def preferred_and_backup(net: "Net", **settings):
+    """Node ``a`` linked to two WHOAMI replicas: ``b`` preferred (priority 0) and ``c``
+    (priority 5); returns (a, b, c) once ``a`` knows both routes."""
+    a = await net.node("a", **settings)
+    b = await net.node("b", {"whoami": WHOAMI_SERVICE})
+    c = await net.node("c", {"whoami": WHOAMI_SERVICE})
+    await net.link(a, b, priority=0)
+    await net.link(a, c, priority=5)
+    await wait_for(lambda: len(routes(a, "whoami")) == 2, 10)
+    return a, b, c
+
+
+def settled(entry: "NodeHarness") -> bool:
+    """The entry node's forwarding books balance: nothing in flight, no relay pending,
+    nothing left on its links but their gossip subscriptions."""
+    net = entry.node.network
+    links = list(net.links.values())
+    return (entry.node.inflight == 0 and net.relays == 0
+            and all(l.inflight == 0 for l in links)
+            and all(len(l.session.streams) <= 1 for l in links if l.session))
+
+
 # Imported by tests/network/conftest.py and tests/transfer/conftest.py.
+
+@pytest.fixture
+def relays(monkeypatch):
+    """Every network.relay.Relay made (the forwarding fast path taken), in order."""
+    from utesla_node.network import relay as relay_mod
+    made = []
+    init = relay_mod.Relay.__init__
+
+    def spy(self, *args, **kw):
+        init(self, *args, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(relay_mod.Relay, "__init__", spy)
+    return made
+
 
 @pytest.fixture(autouse=True)
 def no_asyncio_errors(caplog):

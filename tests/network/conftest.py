@@ -12,4 +12,4 @@ under that name at a time).
 """
 from __future__ import annotations
 
-from helpers import net, no_asyncio_errors  # noqa: F401
+from helpers import net, no_asyncio_errors, relays  # noqa: F401

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from helpers import (NET_FAST, TICKER_SERVICE as TICKER, WHOAMI_SERVICE as WHOAMI,
-                     NodeProcess, link_state, routes, run_cli, wait_for)
+                     NodeProcess, fp, link_state, routes, run_cli, wait_for)
 from protocol.errors import NotFound, StatusError, Unavailable
 from utesla_node.network.gossip import Route, digest, encode_message
 from utesla_node.network.links import LEN
@@ -47,10 +47,6 @@ async def main():
 if __name__ == '__main__':
     asyncio.run(main())
 """
-
-
-def fp(h) -> str:
-    return h.key.public.fingerprint()
 
 
 # --------------------------------------------------------------------------- the blog

@@ -14,17 +14,9 @@ import secrets
 
 import pytest
 
-from helpers import (INSPECT_SERVICE as INSPECT, REPO, TICKER_SERVICE as TICKER,
-                     WHOAMI_SERVICE as WHOAMI, routes, user_key, wait_for)
+from helpers import (INSPECT_SERVICE as INSPECT, TICKER_SERVICE as TICKER,
+                     WHOAMI_SERVICE as WHOAMI, examples, fp, routes, user_key, wait_for)
 from protocol.errors import Forbidden, NotFound, Status, Unauthorized
-
-
-def examples(*names: str) -> dict[str, str]:
-    return {n: (REPO / "complements" / f"{n}.py").read_text() for n in names}
-
-
-def fp(h) -> str:
-    return h.key.public.fingerprint()
 
 
 # --------------------------------------------------------------------------- a line

@@ -10,48 +10,9 @@ import asyncio
 
 import pytest
 
-from helpers import (REPO, TICKER_SERVICE as TICKER, WHOAMI_SERVICE as WHOAMI, routes,
-                     wait_for)
+from helpers import (TICKER_SERVICE as TICKER, WHOAMI_SERVICE as WHOAMI, examples, fp,
+                     pair, preferred_and_backup, routes, settled, wait_for)
 from protocol.errors import GatewayTimeout, RequestTimeout, Status
-from utesla_node.network import relay as relay_mod
-
-
-def examples(*names: str) -> dict[str, str]:
-    return {n: (REPO / "complements" / f"{n}.py").read_text() for n in names}
-
-
-def fp(h) -> str:
-    return h.key.public.fingerprint()
-
-
-@pytest.fixture
-def relays(monkeypatch):
-    """Every Relay made (the fast path taken), in order."""
-    made = []
-    init = relay_mod.Relay.__init__
-
-    def spy(self, *args, **kw):
-        init(self, *args, **kw)
-        made.append(self)
-
-    monkeypatch.setattr(relay_mod.Relay, "__init__", spy)
-    return made
-
-
-def settled(entry) -> bool:
-    net = entry.node.network
-    links = list(net.links.values())
-    return (entry.node.inflight == 0 and net.relays == 0
-            and all(l.inflight == 0 for l in links)
-            and all(len(l.session.streams) <= 1 for l in links if l.session))  # gossip only
-
-
-async def pair(net, services, **settings):
-    a = await net.node("a", **settings)
-    b = await net.node("b", services)
-    await net.link(a, b)
-    await wait_for(lambda: all(routes(a, s) for s in services), 10)
-    return a, b
 
 
 async def test_small_gets_take_the_fast_path_and_get_their_answers(net, relays):
@@ -118,12 +79,7 @@ async def test_a_client_that_gives_up_cancels_the_relay_and_the_far_request(net,
 
 
 async def test_a_route_that_dies_unanswered_is_retried_on_a_replica(net, relays):
-    a = await net.node("a")
-    b = await net.node("b", {"whoami": WHOAMI})
-    c_node = await net.node("c", {"whoami": WHOAMI})
-    await net.link(a, b, priority=0)
-    await net.link(a, c_node, priority=5)                   # B is preferred
-    await wait_for(lambda: len(routes(a, "whoami")) == 2, 10)
+    a, b, c_node = await preferred_and_backup(net)          # B is preferred
     c = a.client()
     assert (await c.get("/whoami")).text == fp(b)
     pending = asyncio.ensure_future(c.get("/whoami", args={"delay": 2}, timeout=15))

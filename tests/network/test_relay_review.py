@@ -4,13 +4,15 @@ the node stops, and a hand-over task cancelled before it ever ran.
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 
 import pytest
 
-from helpers import TICKER_SERVICE as TICKER, routes, wait_for
+from helpers import (TICKER_SERVICE as TICKER, WHOAMI_SERVICE as WHOAMI, abort_connection,
+                     pair, preferred_and_backup, settled, wait_for)
+from protocol.errors import RequestTimeout
 from utesla_node.network import relay as relay_mod
-
-from test_relay import pair, relays, settled  # noqa: F401  (fixture)
 
 #: Answers only after a pause, then streams: the relay hands over when the head comes.
 LATE_TICKER = """
@@ -64,17 +66,7 @@ async def test_a_hand_over_cancelled_before_it_ran_frees_the_link(net, relays, m
 
 
 async def test_a_retry_after_a_late_link_failure_keeps_the_entry_deadline(net, relays):
-    from protocol.errors import RequestTimeout
-    from helpers import WHOAMI_SERVICE as WHOAMI
-    import re
-    import time
-
-    a = await net.node("a", request_timeout=2)
-    b = await net.node("b", {"whoami": WHOAMI})
-    c_node = await net.node("c", {"whoami": WHOAMI})
-    await net.link(a, b, priority=0)
-    await net.link(a, c_node, priority=5)                   # B is preferred
-    await wait_for(lambda: len(routes(a, "whoami")) == 2, 10)
+    a, b, _ = await preferred_and_backup(net, request_timeout=2)   # B is preferred
     c = a.client()
     await c.get("/whoami")
     t0 = time.monotonic()
@@ -123,8 +115,6 @@ async def test_head_and_headers_come_back_as_the_far_node_sent_them(net, relays)
 
 
 async def test_a_client_dropping_its_connection_cancels_every_pending_relay(net, relays):
-    from helpers import WHOAMI_SERVICE as WHOAMI, abort_connection
-
     a, b = await pair(net, {"whoami": WHOAMI})
     c = a.client()
     await c.get("/whoami")

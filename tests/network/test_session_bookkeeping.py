@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from helpers import REPO, routes, wait_for
-
-
-def examples(*names: str) -> dict[str, str]:
-    return {n: (REPO / "complements" / f"{n}.py").read_text() for n in names}
+from helpers import examples, routes, wait_for
 
 
 async def _traffic(c, n: int = 40) -> None:
