@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import select
 import shutil
 import signal
@@ -63,12 +62,15 @@ from utesla_node import auth  # noqa: E402
 from utesla_node.client import Client  # noqa: E402
 from utesla_node.keys import load_public_key  # noqa: E402
 from utesla_node.storage import Peer, User, open_storage  # noqa: E402
+from utesla_node.cli.node import raise_nofile  # noqa: E402
 from utesla_node.transport import Session  # noqa: E402
+
+sys.path.insert(0, str(HERE))
+from _meters import machine_busy, proc_cpu, proc_field, wait_quiet  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MiB = 1 << 20
 GiB = 1 << 30
-CLK = os.sysconf("SC_CLK_TCK")
 FLAG_OTHER = 15.0   # % of a core used by other processes: above it a figure is marked †
 USER = "bench"
 PIECE = 256 * 1024
@@ -88,46 +90,9 @@ def find_peers_dir() -> Path | None:
 
 # --------------------------------------------------------------------------- /proc
 
-def proc_field(pid: int, field: str) -> int:
-    """``VmRSS``, ``VmHWM``, ... of /proc/PID/status, in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process ``pid``."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def machine_busy() -> float:
-    """CPU seconds all cores spent busy since boot (user+nice+system+irq+softirq+steal)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / CLK
-
-
 def self_cpu() -> float:
     t = os.times()
     return t.user + t.system
-
-
-def busy_pct(dt: float = 0.5) -> float:
-    b = machine_busy()
-    time.sleep(dt)
-    return 100 * (machine_busy() - b) / dt
-
-
-def wait_quiet(limit: float, thresh: float = 20.0) -> float:
-    """Wait (up to ``limit`` s) until the machine is nearly idle; the last load seen (%)."""
-    end = time.monotonic() + limit
-    while (b := busy_pct()) > thresh and time.monotonic() < end:
-        pass
-    return round(b, 1)
 
 
 class RssSampler:
@@ -489,16 +454,12 @@ def summarize_profile(collapsed: str, title: str, top: int = 18) -> str:
 
 # --------------------------------------------------------------------------- W6
 
-def raise_nofile(wanted: int) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
+def usable_connections(wanted: int) -> int:
+    """How many of ``wanted`` connections the open-file limit allows, after raising it
+    to the hard limit as utesla-node does (64 descriptors kept for the rest)."""
+    soft = raise_nofile(wanted)
     if soft < wanted + 64:
-        log(f"open-file limit {soft} (hard {hard}) is below {wanted} connections + 64: "
+        log(f"open-file limit {soft} is below {wanted} connections + 64: "
             f"opening {max(0, soft - 64)}")
     return max(0, min(wanted, soft - 64))
 
@@ -536,7 +497,7 @@ async def settle(node: NodeProc, quiet: float = 0.3, limit: float = 10.0) -> Non
 
 
 async def w6(args, key, root: Path, results: list) -> None:
-    n = raise_nofile(args.conns)
+    n = usable_connections(args.conns)
     node = NodeProc(root, "C", ("hello_world",), args.node_cpus, args.patch,
                     max_connections=n + 200, max_connections_per_ip=n + 200).start()
     try:

@@ -54,9 +54,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from _meters import machine_busy, proc_cpu, wait_quiet  # noqa: E402
 HELLO = "Hello World!"
 now = time.perf_counter
-CLK = os.sysconf("SC_CLK_TCK")
 FLAG_OTHER = 15.0  # % of a core used by other processes above which a number is marked †
 
 
@@ -70,28 +71,6 @@ def find_peers_dir() -> Path | None:
 
 # --------------------------------------------------------------------------- meters
 
-def cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def machine_busy_s() -> float:
-    with open("/proc/stat") as f:
-        v = f.readline().split()
-    return (int(v[1]) + int(v[2]) + int(v[3])) / CLK
-
-
-def wait_quiet(limit_s: float, thresh: float = 20.0) -> float:
-    end = time.monotonic() + limit_s
-    while True:
-        b = machine_busy_s()
-        time.sleep(0.5)
-        busy = 100 * (machine_busy_s() - b) / 0.5
-        if busy <= thresh or time.monotonic() >= end:
-            return round(busy, 1)
-
-
 class Meter:
     """CPU of this process (the client) and of the server process(es) ``pids``."""
 
@@ -99,21 +78,21 @@ class Meter:
         self.pids = [pids] if isinstance(pids, int) else list(pids)
 
     def _srv(self) -> float:
-        return sum(cpu_s(p) for p in self.pids)
+        return sum(proc_cpu(p) for p in self.pids)
 
     def start(self):
-        self.t, self.m = now(), machine_busy_s()
+        self.t, self.m = now(), machine_busy()
         self.c, self.s = time.process_time(), self._srv()
-        self.each = [cpu_s(p) for p in self.pids]
+        self.each = [proc_cpu(p) for p in self.pids]
 
     def stop(self) -> dict:
         dt = now() - self.t
-        each = [round(100 * (cpu_s(p) - s0) / dt, 1) for p, s0 in zip(self.pids, self.each)]
+        each = [round(100 * (proc_cpu(p) - s0) / dt, 1) for p, s0 in zip(self.pids, self.each)]
         cli, srv = time.process_time() - self.c, self._srv() - self.s
         pct = lambda x: round(100 * x / dt, 1)
         extra = {"srv_cpu_pct_each": each} if len(each) > 1 else {}
         return {**extra, "cli_cpu_pct": pct(cli), "srv_cpu_pct": pct(srv),
-                "other_cpu_pct": pct(max(0.0, machine_busy_s() - self.m - cli - srv))}
+                "other_cpu_pct": pct(max(0.0, machine_busy() - self.m - cli - srv))}
 
 
 def lat_stats(lat: list[float]) -> dict:

@@ -15,8 +15,9 @@ from .common import config_option, fail, load_cfg, run_async, setup_logging, EXP
 log = logging.getLogger("utesla.node")
 
 
-def raise_nofile(wanted: int) -> None:
-    """Raise the open-file limit to the hard limit; warn when it stays below ``wanted``."""
+def raise_nofile(wanted: int) -> int:
+    """Raise the open-file limit to the hard limit; warn when it stays below ``wanted``
+    (+ 64 for the rest); returns the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         try:
@@ -27,6 +28,7 @@ def raise_nofile(wanted: int) -> None:
     if soft < wanted + 64:
         log.warning("open-file limit is %d, below max_connections (%d) + 64: raise it "
                     "(ulimit -n / LimitNOFILE=)", soft, wanted)
+    return soft
 
 
 def freeze_startup_objects() -> None:
