@@ -562,7 +562,7 @@ def settled(entry: "NodeHarness") -> bool:
     nothing left on its links but their gossip subscriptions."""
     net = entry.node.network
     links = list(net.links.values())
-    return (entry.node.inflight == 0 and net.relays == 0
+    return (entry.node.inflight == 0 and entry.node.router.live == 0
             and all(l.inflight == 0 for l in links)
             and all(len(l.session.streams) <= 1 for l in links if l.session))
 
@@ -571,16 +571,28 @@ def settled(entry: "NodeHarness") -> bool:
 
 @pytest.fixture
 def relays(monkeypatch):
-    """Every network.relay.Relay made (the forwarding fast path taken), in order."""
-    from utesla_node.network import relay as relay_mod
+    """Every network.router.Forward started from a session's read loop (the request
+    forwarded without a dispatcher task), in order."""
+    from utesla_node.network import router as router_mod
     made = []
-    init = relay_mod.Relay.__init__
+    forward = router_mod.Router.forward
+    init = router_mod.Forward.__init__
+    taskless = []
+
+    def spy_forward(self, *args, now=False, **kw):
+        taskless.append(now)
+        try:
+            return forward(self, *args, now=now, **kw)
+        finally:
+            taskless.pop()
 
     def spy(self, *args, **kw):
         init(self, *args, **kw)
-        made.append(self)
+        if taskless and taskless[-1]:
+            made.append(self)
 
-    monkeypatch.setattr(relay_mod.Relay, "__init__", spy)
+    monkeypatch.setattr(router_mod.Router, "forward", spy_forward)
+    monkeypatch.setattr(router_mod.Forward, "__init__", spy)
     return made
 
 

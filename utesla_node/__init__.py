@@ -4,7 +4,7 @@ Public surface (guarded by tests/node/test_exports.py)::
 
     from utesla_node import Client, Reply, Handler, Node, NodeConfig, load_config
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .client import Client, Reply, UTeslaClient  # noqa: E402
 from .config import NodeConfig, load_config  # noqa: E402

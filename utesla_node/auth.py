@@ -42,6 +42,10 @@ from typing import NamedTuple
 
 from Crypto.Protocol.KDF import scrypt as _scrypt
 
+from protocol.errors import Status
+
+from .errors import NodeError
+
 from .storage import Storage, StorageError, Token, User
 
 __all__ = [
@@ -87,7 +91,11 @@ INVALID_TOKEN = "invalid or expired token"
 
 # --------------------------------------------------------------------------- exceptions
 
-class Unauthorized(Exception):
+class AuthError(NodeError):
+    """Base of the token and password checks' refusals."""
+
+
+class Unauthorized(AuthError):
     """Credentials or token are not acceptable.
 
     Deliberately one exception with one message per kind of check, whatever the reason
@@ -95,9 +103,13 @@ class Unauthorized(Exception):
     precise reason is only logged at debug level.
     """
 
+    status = Status.UNAUTHORIZED
 
-class Forbidden(Exception):
+
+class Forbidden(AuthError):
     """The caller is authenticated, but its token or guest scopes do not cover the service."""
+
+    status = Status.FORBIDDEN
 
 
 class MalformedToken(ValueError):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
-from protocol import Connection, Role, Settings
+from protocol import Settings
 from protocol.crypto import PrivateKey, PublicKey
 from protocol.errors import (AuthenticationFailed, HandshakeFailed, BadRequest, Cancelled, ProtocolError,
                              RequestTimeout, Status, StatusError, Unavailable, error_for_status)
@@ -173,10 +173,10 @@ class Client:
             except (OSError, asyncio.TimeoutError) as exc:
                 raise Unavailable(f"cannot connect to {self.host}:{self.port}: "
                                   f"{exc or 'timed out'}") from None
-            conn = Connection(Role.CLIENT, identity=self.private_key, user=self.user,
-                              server_key=self.node_key, settings=self.settings)
-            session = Session(reader, writer, conn, name=f"{self.host}:{self.port}")
-            session.start()
+            session = Session.open_client(reader, writer, identity=self.private_key,
+                                          user=self.user, server_key=self.node_key,
+                                          settings=self.settings,
+                                          name=f"{self.host}:{self.port}")
             try:
                 await session.wait_ready(self.connect_timeout)
             except asyncio.TimeoutError:
@@ -212,13 +212,13 @@ class Client:
             body = body.encode()
         first, rest = b"", None
         if isinstance(body, (bytes, bytearray, memoryview)):
-            limit = min(session.conn.peer_window, session.conn.max_chunk)
+            limit = session.first_body_limit
             first, rest = bytes(body[:limit]), bytes(body[limit:])
         elif body is not None and not hasattr(body, "__aiter__") and not hasattr(body, "read"):
             raise TypeError("body must be bytes, str, a file object or an async iterable")
         streaming = rest is None
         end = not streaming and not rest
-        if not session.conn.stream_slots:
+        if not session.stream_slots:
             await session.wait_stream_slot()      # the node's stream limit: queue here
         try:
             stream = session.open_stream(method, path, token=self.token if token is None else (token or None), args=args,

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from .errors import NodeError
+
 __all__ = ["NodeConfig", "ConfigError", "load_config", "find_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(NodeError, ValueError):
     """A configuration problem, with the file, section and key it concerns."""
 
 
@@ -71,6 +73,10 @@ class NodeConfig:
     grace_period: float = 10.0
     #: Seconds a validated token is trusted by a session before it is checked again.
     token_cache_ttl: float = 2.0
+    #: While the database is unreachable, a token (or user key) verified less than
+    #: ``token_cache_ttl`` + this many seconds ago keeps working (a revocation made
+    #: elsewhere during the outage is seen when the database returns).  0: none.
+    token_outage_grace: float = 300.0
     #: Gossip interval and link heartbeat, seconds.
     gossip_interval: float = 1.0
     heartbeat_interval: float = 5.0
@@ -186,6 +192,7 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "write_high_water"): ("write_high_water", _bounded_int(65536, 1 << 30)),
     ("server", "grace_period"): ("grace_period", _positive_float),
     ("server", "token_cache_ttl"): ("token_cache_ttl", _non_negative_float),
+    ("server", "token_outage_grace"): ("token_outage_grace", _non_negative_float),
     ("database", "url"): ("database_url", _str),
     ("database", "pool_size"): ("database_pool_size", _bounded_int(1, 1000)),
     ("crypt limits", "key_type"): ("key_type", _choice("ed25519", "rsa")),

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from protocol.crypto import KeyFormatError, PrivateKey, PublicKey, WeakKeyError
 
+from .errors import NodeError
+
 __all__ = ["write_atomic", "write_key_pair", "load_private_key", "load_public_key",
            "ensure_node_keys", "KeyFileError"]
 
 
-class KeyFileError(Exception):
+class KeyFileError(NodeError):
     """A key file is missing, unreadable, or not a usable key."""
 
 

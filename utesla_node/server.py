@@ -1,35 +1,37 @@
-"""The node: start, serve, reload, drain, stop.
+"""The node: the composition root.  It builds the parts, wires them together, and
+runs them: start, serve, reload, drain, stop.
 
-``Node`` owns the listening socket, the storage, the service registry, the
-token authority and (when it has peers) the network.  Each accepted
-connection becomes a :class:`~utesla_node.transport.Session` whose requests go
-to the :class:`~utesla_node.dispatch.Dispatcher`.
+Parts (docs/architecture.md draws them): the storage and the token
+:class:`~utesla_node.auth.Authority`; the :class:`~utesla_node.gate.Gate` (user keys
+and token checks); the service registry; the :class:`~utesla_node.network.Network`
+(links, gossip) and its :class:`~utesla_node.network.router.Router` (forwarding); the
+:class:`~utesla_node.builtins.Builtins`; the :class:`~utesla_node.dispatch.Dispatcher`,
+handed all of these.  Each accepted connection becomes a
+:class:`~utesla_node.transport.Session` whose requests go to the dispatcher.  No part
+imports this module or holds the node.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
-import os
 import signal
 import time
-from pathlib import Path
 
-from protocol import Connection, Role, Settings
-from protocol.crypto import KeyFormatError, PublicKey
-from protocol.errors import (BadRequest, Forbidden, MethodNotAllowed, NotFound, RemoteProtocolError,
-                             Status,
-                             StatusError, TooLarge, Unauthorized, Unavailable)
+from protocol import Settings
+from protocol.errors import RemoteProtocolError, Status
 
-from . import __version__, auth
+from . import auth, status as status_file
+from .builtins import Builtins
 from .config import NodeConfig
-from .dispatch import BUILTIN_PREFIX, Dispatcher, ResponseWriter
-from .keys import ensure_node_keys, write_atomic
+from .dispatch import Dispatcher
+from .gate import Gate
+from .keys import ensure_node_keys
 from .metrics import Metrics
-from .services import ServiceRegistry
-from .storage import StorageError, StorageUnavailable, TokenLimitReached, open_storage, redact_url
-from .transport import Session, Stream
+from .services import NodeView, ServiceRegistry
+from .storage import open_storage, redact_url
+from .transport import Session
+from .version import __version__
 
 __all__ = ["Node"]
 
@@ -44,24 +46,26 @@ class Node:
         self.key = None
         self.storage = None
         self.authority: auth.Authority | None = None
+        self.gate: Gate | None = None
         self.registry = ServiceRegistry.empty()
-        self.dispatcher = Dispatcher(self)
-        self.builtins = Builtins(self)
+        self.builtins: Builtins | None = None
+        self.dispatcher: Dispatcher | None = None
         self.metrics = Metrics()
         self.network = None
+        self.router = None
         self.sessions: set[Session] = set()
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._server: asyncio.base_events.Server | None = None
-        self._key_cache: dict[str, PublicKey] = {}
-        self._user_keys: dict[str, tuple[float, PublicKey]] = {}
-        self._token_cache: dict[tuple, tuple] = {}
-        self.inflight = 0
         self.stopping = False
         self.started_at = time.time()
         self.address: tuple[str, int] | None = None
         self._stopped = asyncio.Event()
         self._status_task: asyncio.Task | None = None
         self.metrics_server = None
+
+    @property
+    def inflight(self) -> int:
+        return self.dispatcher.inflight if self.dispatcher is not None else 0
 
     # -------------------------------------------------------------- lifecycle
 
@@ -79,23 +83,46 @@ class Node:
         await self.storage.open()
         log.info("database: %s", redact_url(cfg.database_url) or f"sqlite {cfg.data_dir}")
         self.authority = auth.Authority(self.storage, cfg.token_expire)
+        self.gate = Gate(self.storage, self.authority, self.metrics,
+                         cache_ttl=cfg.token_cache_ttl, outage_grace=cfg.token_outage_grace)
         self.registry = await loop.run_in_executor(None, ServiceRegistry.load, cfg.services_dir)
         self.settings = Settings(max_record=cfg.max_record, window=cfg.stream_window,
                                  max_streams=cfg.max_streams,
                                  handshake_timeout=cfg.handshake_timeout)
+        self._wire()
         self._server = await asyncio.start_server(
             self._on_connect, cfg.host, cfg.port, limit=1 << 16, backlog=1024)
         sock = self._server.sockets[0]
         self.address = sock.getsockname()[:2]
         self.started_at = time.time()
-        from .network import Network
-        self.network = Network(self)
         await self.network.start()
         if cfg.metrics_listen:
             from .metrics_http import MetricsServer
             self.metrics_server = MetricsServer(self, cfg.metrics_listen)
             await self.metrics_server.start()
         self._status_task = loop.create_task(self._write_status_loop(), name="status file")
+
+    def _wire(self) -> None:
+        """Build the parts and hand each its collaborators."""
+        from .network import Network
+        from .network.router import Router
+        cfg = self.config
+        self.network = Network(cfg, self.key, self.settings, self.storage, self.metrics,
+                               local_services=lambda: self.registry.names())
+        self.builtins = Builtins(self.gate, self.authority, self.metrics,
+                                 local_services=lambda: self.registry.names(),
+                                 status=self.status_snapshot, prometheus=self.prometheus_async,
+                                 network=self.network)
+        self.dispatcher = Dispatcher(
+            gate=self.gate, builtins=self.builtins, registry=lambda: self.registry,
+            metrics=self.metrics, node_id=self.network.id, max_hops=cfg.max_hops,
+            timeout=cfg.request_timeout, max_body=cfg.max_body,
+            service_view=NodeView(cfg, self.key))
+        self.router = Router(self.network, self.dispatcher.finished, cfg.max_hops)
+        self.dispatcher.router = self.router
+
+    async def prometheus_async(self) -> str:
+        return self.prometheus()
 
     def prometheus(self) -> str:
         """The metrics page: counters, gauges, per-link figures, live traffic."""
@@ -121,18 +148,31 @@ class Node:
                 "routes": sum(len(c) for c in net.engine.best.values()) if net else 0,
                 "uptime_seconds": round(time.time() - self.started_at, 3)}
 
+    def status_snapshot(self) -> dict:
+        """What ``/_node/status`` answers and ``data/status.json`` holds (no secrets)."""
+        return {
+            "version": __version__,
+            "fingerprint": self.key.public.fingerprint(),
+            "address": list(self.address) if self.address else None,
+            "uptime": round(time.time() - self.started_at, 3),
+            "connections": len(self.sessions),
+            "inflight": self.inflight,
+            "counters": self.metrics.snapshot(),
+            "services": self.registry.names(),
+            "network": self.network.status() if self.network is not None else {},
+        }
+
     async def _write_status_loop(self) -> None:
         """``data/status.json`` every second: what ``utesla-cli status`` and
         ``show_networks``/``show_services`` print on this machine (no secrets)."""
-        path = self.config.data_dir / "status.json"
+        loop = asyncio.get_running_loop()
         while True:
+            snapshot = self.status_snapshot()
             try:
-                data = json.dumps({"updated": time.time(), "pid": os.getpid(),
-                                   **self.builtins.node_status()})
-                await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: write_atomic(path, data.encode(), 0o644, durable=False))
+                await loop.run_in_executor(None, status_file.write_status,
+                                           self.config.data_dir, snapshot)
             except OSError as exc:  # pragma: no cover
-                log.debug("cannot write %s: %s", path, exc)
+                log.debug("cannot write the status file: %s", exc)
             await asyncio.sleep(1.0)
 
     def install_signal_handlers(self) -> None:
@@ -170,6 +210,8 @@ class Node:
         if self.stopping:
             return
         self.stopping = True
+        if self.dispatcher is not None:
+            self.dispatcher.stopping = True
         log.info("stopping (%s): %d connection(s), %d request(s) in flight", why,
                  len(self.sessions), self.inflight)
         if self._server is not None:
@@ -183,16 +225,22 @@ class Node:
         for s in list(self.sessions):
             s.goaway("shutting down")
         deadline = time.monotonic() + self.config.grace_period
-        pending = [t for s in self.sessions for t in s.tasks]
-        relays = None
-        if self.network is not None and self.network.relays:
-            relays = asyncio.get_running_loop().create_task(self.network.wait_relays())
-            pending.append(relays)
-        if pending:
-            # The links stay up meanwhile: requests being forwarded finish too.
-            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-        if relays is not None:
-            relays.cancel()
+        # Requests in flight, forwarded ones included (the links stay up meanwhile), get
+        # the grace period.  Tasks that begin during it (a forward's answer streaming)
+        # are seen by the router's count.
+        pending = {t for s in self.sessions for t in s.tasks}
+        forwards = None
+        if self.router is not None and self.router.live:
+            forwards = asyncio.get_running_loop().create_task(self.router.wait_idle())
+            pending.add(forwards)
+        while pending:
+            _, pending = await asyncio.wait(pending,
+                                            timeout=max(0.0, deadline - time.monotonic()))
+            pending |= {t for s in self.sessions for t in s.tasks}
+            if time.monotonic() >= deadline:
+                break
+        if forwards is not None:
+            forwards.cancel()
         for s in list(self.sessions):
             for t in list(s.tasks):
                 t.cancel()
@@ -206,10 +254,7 @@ class Node:
                 pass
         if self.storage is not None:
             await self.storage.close()
-        try:
-            (self.config.data_dir / "status.json").unlink()
-        except OSError:
-            pass
+        status_file.remove_status(self.config.data_dir)
         self._stopped.set()
         log.info("stopped")
 
@@ -225,12 +270,11 @@ class Node:
             log.warning("refusing connection from %s: connection limit reached", ip)
             writer.close()
             return
-        conn = Connection(Role.SERVER, identity=self.key, settings=self.settings)
-        session = Session(reader, writer, conn, on_request=self.dispatcher,
-                          key_lookup=self.lookup_user_key, high_water=cfg.write_high_water,
-                          idle_timeout=cfg.idle_timeout, name=f"{ip}:{peer[1] if peer else 0}")
-        if self.network is not None:
-            session.on_request_now = self.network.relay_now
+        session = Session.accept(reader, writer, identity=self.key, settings=self.settings,
+                                 on_request=self.dispatcher.serve, key_lookup=self.gate.user_key,
+                                 high_water=cfg.write_high_water, idle_timeout=cfg.idle_timeout,
+                                 name=f"{ip}:{peer[1] if peer else 0}")
+        session.on_request_now = self.dispatcher.accept
         self.sessions.add(session)
         self._per_ip[ip] += 1
         self.metrics.incr("connections_accepted")
@@ -248,10 +292,10 @@ class Node:
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
-            if session.conn.peer_user is None:
+            if session.peer_user is None:
                 self.metrics.incr("handshakes_failed")
             if isinstance(session.close_reason, RemoteProtocolError) and \
-                    session.conn.peer_user is not None:
+                    session.peer_user is not None:
                 self.metrics.incr("rejected_frames")     # bad record, MAC, framing...
             self.metrics.incr("bytes_in", session.bytes_in)
             self.metrics.incr("bytes_out", session.bytes_out)
@@ -260,247 +304,3 @@ class Node:
             except Exception:  # pragma: no cover
                 pass
 
-    async def lookup_user_key(self, name: str) -> PublicKey | None:
-        """The registered key of ``name`` (None when unknown); 503 when storage is down.
-
-        Known users' keys are remembered for ``token_cache_ttl`` seconds (a key change
-        or removal takes effect within that time, as for tokens), so a burst of
-        connections does not queue behind the database; unknown names never are.
-        """
-        now = time.monotonic()
-        hit = self._user_keys.get(name)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        try:
-            user = await self.storage.get_user(name)
-        except StorageUnavailable as exc:
-            log.warning("database unavailable during handshake: %s", exc)
-            raise Unavailable("database unavailable") from exc
-        if user is None:
-            return None
-        key = self._key_cache.get(user.public_key)
-        if key is None:
-            try:
-                key = PublicKey.from_bytes(user.public_key)
-            except KeyFormatError:
-                log.error("user %r has an unusable public key in the database", name)
-                return None
-            if len(self._key_cache) > 4096:
-                self._key_cache.clear()
-            self._key_cache[user.public_key] = key
-        if len(self._user_keys) > 4096:
-            self._user_keys.clear()
-        self._user_keys[name] = (now + self.config.token_cache_ttl, key)
-        return key
-
-    def forget_token(self, token: str | None) -> None:
-        """Drop cached checks of ``token`` (after it was renewed or revoked here)."""
-        for key in [k for k in self._token_cache if k[0] == token]:
-            del self._token_cache[key]
-
-    async def authorize(self, session: Session, token: str | None, service_path: str):
-        """The user a request acts as; Unauthorized / Forbidden / Unavailable otherwise.
-
-        The node remembers tokens it validated for ``token_cache_ttl`` seconds, so
-        steady traffic (and a client reconnecting) costs no database round trip per
-        request; revocation made elsewhere (utesla-cli, another node sharing the
-        database) takes effect within that time, one made here at once.
-        """
-        cache = self._token_cache
-        # The session's user is part of the key: a token is only ever valid on its
-        # owner's sessions (§6.6), so sharing the cache across connections is safe.
-        # What is cached is the token's record and user, never a decision: the scopes
-        # are checked against each request's own path (a token for ``files/public``
-        # must not open ``files/private`` because it was just used for the former).
-        key = (token, session.peer_user)
-        found = self._cached_token(key)
-        if found is None:
-            hit = cache.get(key)
-            if hit is not None and hit[2] is not None:   # a check for this key is running
-                found = await asyncio.shield(hit[2])
-            else:   # not cached, stale, or expired while cached (renewed elsewhere?): ask
-                found = await self._resolve_token(cache, key, token, session,
-                                                  time.monotonic())
-        record, user, unrestricted = found
-        if not unrestricted:
-            try:
-                auth.Authority.allow(record, user, service_path)
-            except auth.Forbidden as exc:
-                raise Forbidden(str(exc)) from None
-        return user
-
-    def authorize_now(self, session: Session, token: str | None, service_path: str):
-        """The user, when a fresh cached check of ``token`` allows ``service_path``; None
-        when that takes a lookup or the answer is no (``authorize`` then says why)."""
-        found = self._cached_token((token, session.peer_user))
-        if found is None:
-            return None
-        record, user, unrestricted = found
-        if not unrestricted:
-            try:
-                auth.Authority.allow(record, user, service_path)
-            except auth.Forbidden:
-                return None
-        return user
-
-    def _cached_token(self, key: tuple):
-        """(record, user, unrestricted) of a fresh, finished cache entry whose token has
-        not expired meanwhile; None otherwise."""
-        hit = self._token_cache.get(key)
-        if hit is None or hit[2] is not None or hit[0] <= time.monotonic():
-            return None
-        if hit[1][0].expires_at <= self.authority.clock():
-            return None
-        return hit[1]
-
-    async def _resolve_token(self, cache: dict, key: tuple, token: str | None,
-                             session: Session, now: float) -> tuple:
-        # Single flight: concurrent requests with the same token wait for one lookup.
-        pending = session.loop.create_future()
-        if len(cache) >= 8192:
-            cache.clear()
-        cache[key] = (0.0, None, pending)
-        try:
-            found = await self.authority.resolve(token or "", session.peer_user or "")
-        except BaseException as exc:
-            if cache.get(key, (None, None, None))[2] is pending:
-                del cache[key]
-            if isinstance(exc, auth.Unauthorized):
-                self.metrics.incr("auth_failures")
-                err = Unauthorized(str(exc))
-            elif isinstance(exc, StorageUnavailable):
-                err = Unavailable("database unavailable")
-            else:
-                err = exc
-            pending.set_exception(err)
-            pending.exception()             # retrieved: waiters, if any, re-raise it
-            if err is exc:
-                raise
-            raise err from None
-        record, user = found
-        found = (record, user, record.scopes == ("*",) and user.scopes == ("*",))
-        if cache.get(key, (None, None, None))[2] is pending:
-            # Unless forget_token() dropped the entry meanwhile (the token was revoked or
-            # renewed here while we read it): then what we read must not outlive this request.
-            cache[key] = (now + self.config.token_cache_ttl, found, None)
-        pending.set_result(found)
-        return found
-
-
-class Builtins:
-    """Built-in services under ``/_node/`` (SPEC.md and docs/services.md list them)."""
-
-    def __init__(self, node: Node):
-        self.node = node
-        self.table = {
-            "ping": (self.ping, False),
-            "token": (self.token, False),
-            "token/renew": (self.renew, False),
-            "token/revoke": (self.revoke, False),
-            "services": (self.services, True),
-            "status": (self.status, True),
-            "metrics": (self.metrics, True),
-        }
-
-    async def serve(self, session: Session, stream: Stream, writer: ResponseWriter) -> None:
-        req = stream.request
-        name = req.path[len(BUILTIN_PREFIX):].strip("/")
-        entry = self.table.get(name)
-        if entry is None:
-            if self.node.network is not None and name.startswith("net/"):
-                await self.node.network.builtin(session, stream, writer, name[4:])
-                return
-            raise NotFound(f"no built-in service {req.path}")
-        fn, needs_token = entry
-        user = None
-        if needs_token:
-            user = await self.node.authorize(session, req.token, "_node/" + name)
-        await fn(session, stream, writer, user)
-
-    @staticmethod
-    def _args(stream: Stream) -> dict:
-        return stream.request.args or {}
-
-    async def ping(self, session, stream, writer, user) -> None:
-        await writer.write(b"pong")
-
-    async def token(self, session, stream, writer, user) -> None:
-        """Issue a token: the session proves the key, the ``password`` argument the rest."""
-        args = self._args(stream)
-        password = args.get("password")
-        if not isinstance(password, str):
-            raise BadRequest("argument 'password' (string) is required")
-        authority = self.node.authority
-        try:
-            await authority.check_password(session.peer_user, password)
-            scopes = args.get("scopes")
-            if scopes is not None and (not isinstance(scopes, list)
-                                       or not all(isinstance(s, str) for s in scopes)):
-                raise BadRequest("argument 'scopes' must be a list of service globs")
-            expire = args.get("expire")
-            if expire is not None and (not isinstance(expire, (int, float))
-                                       or isinstance(expire, bool)):
-                raise BadRequest("argument 'expire' must be a number of seconds")
-            token, record = await authority.issue_token(session.peer_user, scopes, expire)
-        except auth.Unauthorized:
-            self.node.metrics.incr("auth_failures")
-            raise Unauthorized("invalid user or password") from None
-        except auth.Forbidden as exc:
-            raise Forbidden(str(exc)) from None
-        except TokenLimitReached:
-            raise Forbidden("token limit reached: revoke a token or ask the admin for more") \
-                from None
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        except StorageUnavailable as exc:
-            raise Unavailable("database unavailable") from exc
-        writer.set_header("expires-at", record.expires_at)
-        await writer.write(token.encode())
-
-    async def renew(self, session, stream, writer, user) -> None:
-        try:
-            record = await self.node.authority.renew(stream.request.token or "",
-                                                     session.peer_user)
-        except auth.Unauthorized:
-            raise Unauthorized("invalid token") from None
-        except StorageUnavailable as exc:
-            raise Unavailable("database unavailable") from exc
-        self.node.forget_token(stream.request.token)
-        await writer.write({"expires_at": record.expires_at})
-
-    async def revoke(self, session, stream, writer, user) -> None:
-        target = self._args(stream).get("token") or stream.request.token or ""
-        try:
-            done = await self.node.authority.revoke(target, session.peer_user)
-        except auth.Unauthorized:
-            raise Unauthorized("invalid token") from None
-        except StorageUnavailable as exc:
-            raise Unavailable("database unavailable") from exc
-        self.node.forget_token(target)
-        await writer.write({"revoked": bool(done)})
-
-    async def services(self, session, stream, writer, user) -> None:
-        node = self.node
-        local = [{"path": "/" + n, "origin": "local", "hops": 0} for n in node.registry.names()]
-        remote = node.network.routes_summary() if node.network is not None else []
-        await writer.write({"services": local + remote})
-
-    async def status(self, session, stream, writer, user) -> None:
-        await writer.write(self.node_status())
-
-    def node_status(self) -> dict:
-        node = self.node
-        return {
-            "version": __version__,
-            "fingerprint": node.key.public.fingerprint(),
-            "address": list(node.address) if node.address else None,
-            "uptime": round(time.time() - node.started_at, 3),
-            "connections": len(node.sessions),
-            "inflight": node.inflight,
-            "counters": node.metrics.snapshot(),
-            "services": node.registry.names(),
-            "network": node.network.status() if node.network is not None else {},
-        }
-
-    async def metrics(self, session, stream, writer, user) -> None:
-        await writer.write(self.node.prometheus().encode())

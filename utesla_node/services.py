@@ -24,7 +24,7 @@ from pathlib import Path
 
 from protocol.errors import BadRequest, NotFound
 
-__all__ = ["Handler", "ServiceRegistry", "Service", "split_path", "SEGMENT_RE", "METHODS"]
+__all__ = ["Handler", "ServiceRegistry", "Service", "split_path", "SEGMENT_RE", "METHODS", "NodeView"]
 
 log = logging.getLogger("utesla.services")
 
@@ -106,6 +106,17 @@ class _FromContext:
         return getattr(obj._ctx, self.attr)
 
 
+class NodeView:
+    """What a service sees of the node it runs in (``self.node``): its configuration,
+    its key pair and its fingerprint.  One object per node, shared by every request, so
+    services may also keep node-wide state on it."""
+
+    def __init__(self, config, key):
+        self.config = config
+        self.key = key
+        self.fingerprint = key.public.fingerprint()
+
+
 class Handler:
     """Base of every service handler (plain classes get it mixed in at load time).
 
@@ -113,10 +124,11 @@ class Handler:
     ``args`` (dict of request arguments), ``user`` (authenticated user name),
     ``path`` (the full request path), ``subpath`` (segments after the service's
     own), ``headers`` (request headers), ``body`` (:class:`RequestBody`),
-    ``method`` and ``node`` (the running node, for advanced services).
+    ``method`` and ``node`` (a :class:`NodeView`: the node's config and key, for
+    advanced services).
     """
 
-    _ctx = None       # the request's ResponseWriter, set before __init__ runs
+    _ctx = None       # the request's RequestContext (response.py), set before __init__ runs
     args = _FromContext()
     user = _FromContext()
     path = _FromContext()
@@ -159,6 +171,15 @@ class Service:
 
     def methods(self) -> list[str]:
         return sorted(m.upper() for m in METHODS if callable(getattr(self.handler, m, None)))
+
+    def handler_for(self, ctx) -> "Handler":
+        """A handler instance for one request, its context ``ctx`` (a
+        response.RequestContext) set before its ``__init__`` runs."""
+        cls = self.handler
+        handler = cls.__new__(cls)
+        handler._ctx = ctx
+        handler.__init__()
+        return handler
 
 
 class ServiceRegistry:

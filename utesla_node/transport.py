@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from typing import Awaitable, Callable
@@ -110,6 +111,30 @@ class Stream:
     @property
     def at_end(self) -> bool:
         return self._ended and not self._chunks
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived, without error (it may still be unread)."""
+        return self._ended and self._error is None
+
+    def peek_body(self) -> bytes | None:
+        """The whole body if it has all arrived (left in place, unread); else None."""
+        if not self._ended or self._error is not None:
+            return None
+        chunks = self._chunks
+        return b"".join(chunks) if chunks else b""
+
+    def discard_body(self) -> None:
+        """Drop what is buffered (the stream is ending; no credit is returned for it)."""
+        self._chunks.clear()
+        self.buffered = 0
+
+    def take_body(self) -> bytes | None:
+        """The whole body, consumed, if it has all arrived without error; else None."""
+        body = self.peek_body()
+        if body is not None:
+            self.discard_body()
+        return body
 
     async def read_chunk(self) -> bytes:
         """Next body chunk, or b"" at the end.  Raises the stream's error if it broke."""
@@ -259,7 +284,49 @@ class Session:
         # asyncio and uvloop set TCP_NODELAY on TCP transports already (checked); each
         # flush is one write() call, so nothing waits for Nagle.
 
+    @classmethod
+    def open_client(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                    identity, user: str, server_key: PublicKey, settings=None,
+                    high_water: int = 1 << 20, name: str = "") -> "Session":
+        """A client session (a user's, or a node's link to a peer), its handshake begun;
+        ``await session.wait_ready()`` for the keys."""
+        conn = Connection(Role.CLIENT, identity=identity, user=user, server_key=server_key,
+                          settings=settings)
+        session = cls(reader, writer, conn, high_water=high_water, name=name)
+        session.start()
+        return session
+
+    @classmethod
+    def accept(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+               identity, settings, **kwargs) -> "Session":
+        """A server session for an accepted connection (run it with :meth:`run`)."""
+        return cls(reader, writer, Connection(Role.SERVER, identity=identity,
+                                              settings=settings), **kwargs)
+
     # -------------------------------------------------------------- lifecycle
+
+    @property
+    def established(self) -> bool:
+        """The handshake has completed."""
+        return self.conn.established
+
+    @property
+    def stream_slots(self) -> int:
+        """Streams we may still open under the peer's limit."""
+        return self.conn.stream_slots
+
+    @property
+    def first_body_limit(self) -> int:
+        """Most body bytes a request may carry in its first message."""
+        conn = self.conn
+        return min(conn.peer_window, conn.max_chunk)
+
+    def stream_open(self, stream: Stream) -> bool:
+        """``stream`` can still carry messages (not reset, not ended both ways)."""
+        return self.conn.is_open(stream.id)
+
+    def over_high_water(self) -> bool:
+        return self.writer.transport.get_write_buffer_size() > self.high_water
 
     @property
     def peer_user(self) -> str | None:
@@ -440,17 +507,50 @@ class Session:
     def spawn_request(self, s: Stream, serve: Callable[["Session", Stream], Awaitable[None]]
                       | None = None) -> asyncio.Task:
         """Serve incoming stream ``s`` in a task of its own: ``on_request``, or ``serve``."""
-        task = self.loop.create_task(self._run_request(s, serve or self.on_request))
-        s.task = task
+        task = self.spawn((serve or self.on_request)(self, s), s)
+        task.add_done_callback(functools.partial(self._request_task_done, s))
+        return task
+
+    def _request_task_done(self, s: Stream, task: asyncio.Task) -> None:
+        # A done callback, not a ``finally``: it also runs for a task cancelled before its
+        # first step.  A serve() that returns True handed the stream on (a forward in
+        # flight): whoever took it calls request_done.
+        if task.cancelled() or task.exception() is not None or task.result() is not True:
+            self.request_done(s)
+
+    def spawn(self, coro, stream: Stream | None = None) -> asyncio.Task:
+        """Run ``coro`` as one of this session's tasks (cancelled when the session ends,
+        waited for by a stopping node); ``stream``: the request it serves."""
+        task = self.loop.create_task(coro)
+        if stream is not None:
+            stream.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def _run_request(self, s: Stream, serve) -> None:
+    def respond_now(self, stream: Stream, status: int, headers: dict | None = None,
+                    body: bytes = b"", end: bool = True) -> bool:
+        """Send the response head with all of ``body`` at once, if the stream is open and
+        ``body`` fits the peer's credit and one message; False (nothing sent) otherwise."""
+        conn = self.conn
+        sid = stream.id
+        if not conn.is_open(sid) or len(body) > min(conn.send_credit(sid),
+                                                    self._head_room(headers)):
+            return False
         try:
-            await serve(self, s)
-        finally:
-            self.request_done(s)
+            conn.send_response(sid, status, headers=headers, body=body, end=end)
+        except LocalProtocolError:
+            return False
+        stream._sent_end = end
+        self.schedule_flush()
+        return True
+
+    def _head_room(self, headers: dict | None) -> int:
+        """Body bytes a response head may carry beside ``headers`` in one message."""
+        room = self.conn.max_chunk
+        if headers:
+            room -= 64 + sum(len(str(k)) + len(str(v)) + 8 for k, v in headers.items())
+        return max(0, room)
 
     def request_done(self, s: Stream, lone: bool = True) -> None:
         """An incoming request has been answered (or given up): free its stream.
@@ -582,7 +682,7 @@ class Session:
         """
         if len(body) > SMALL_HEAD:
             await self.drain_if_needed()
-        n = min(len(body), self.conn.send_credit(stream.id), self.conn.max_chunk)
+        n = min(len(body), self.conn.send_credit(stream.id), self._head_room(headers))
         last = end and n == len(body)
         try:
             self.conn.send_response(stream.id, status, headers=headers, body=body[:n], end=last)

@@ -96,7 +96,7 @@ async def test_ring_of_six_routes_are_loop_free_and_shortest(net):
             dist = ring_distance(i, j, n)
             # The link forward() would choose sits on a shortest path to the origin.
             for _ in range(4):
-                link = h.node.network._choose(f"svc{j}", set(), [])
+                link = h.node.router.choose(f"svc{j}", set(), [])
                 assert link is not None
                 k = ids.index(link.peer_id)
                 assert ring_distance(k, j, n) == dist - 1

@@ -7,6 +7,7 @@ afterwards (nothing in flight, no relay pending, no stream left on the link).
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -48,7 +49,9 @@ async def test_the_next_hop_gets_the_deadline_and_its_408_comes_back(net, relays
     await c.get("/whoami")
     with pytest.raises(RequestTimeout) as info:
         await c.get("/whoami", args={"delay": 3}, timeout=10)
-    assert "took longer than 0.475 s" in str(info.value)     # B's, a little before A's
+    # B's, a little before A's: what was left of A's 0.5 s, less a margin of 5%.
+    limit = float(re.search(r"longer than ([0-9.]+) s", str(info.value)).group(1))
+    assert 0.4 < limit <= 0.475, str(info.value)
     assert relays and relays[-1].done
     await wait_for(lambda: settled(a) and b.node.inflight == 0, 5)
 
@@ -96,10 +99,10 @@ async def test_a_stopping_node_finishes_fast_path_requests_in_flight(net, relays
     c = a.client()
     await c.get("/whoami")
     pending = asyncio.ensure_future(c.get("/whoami", args={"delay": 0.5}, timeout=15))
-    await wait_for(lambda: a.node.network.relays == 1, 5)
+    await wait_for(lambda: a.node.router.live == 1, 5)
     await a.node.stop("test: SIGTERM")
     assert (await pending).text == fp(b)
-    assert a.node.network.relays == 0 and a.node.inflight == 0
+    assert a.node.router.live == 0 and a.node.inflight == 0
 
 
 async def test_what_the_fast_path_leaves_to_the_dispatcher(net, relays):
@@ -107,11 +110,13 @@ async def test_what_the_fast_path_leaves_to_the_dispatcher(net, relays):
     c = a.client()
     await c.get("/whoami")                                  # (first use: token lookup)
     n = len(relays)
-    assert (await c.post("/echo", b"posted")).body == b"posted"     # not idempotent
     assert (await c.get("/_node/ping")).text == "pong"              # built-in
     assert (await c.get("/nowhere", check=False)).status == Status.NOT_FOUND
     assert (await c.get("/whoami", token="ut1_" + "A" * 43, check=False)).status == 401
     assert len(relays) == n
     assert (await c.get("/whoami")).text == fp(b)
     assert len(relays) == n + 1
+    # A POST is forwarded from the read loop too, but never replayed on another route.
+    assert (await c.post("/echo", b"posted")).body == b"posted"
+    assert len(relays) == n + 2 and not relays[-1].replayable
     await wait_for(lambda: settled(a), 5)

@@ -1,5 +1,5 @@
-"""The forwarding fast path (relay.py) under races: a hand-over to the general path while
-the node stops, and a hand-over task cancelled before it ever ran.
+"""Forwarding (network/router.py) under races: an answer that starts streaming while the
+node stops, and a relay task cancelled before it ever ran.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from helpers import (TICKER_SERVICE as TICKER, WHOAMI_SERVICE as WHOAMI, abort_connection,
                      pair, preferred_and_backup, settled, wait_for)
 from protocol.errors import RequestTimeout
-from utesla_node.network import relay as relay_mod
+from utesla_node.network import router as router_mod
 
 #: Answers only after a pause, then streams: the relay hands over when the head comes.
 LATE_TICKER = """
@@ -38,7 +38,7 @@ async def test_a_stopping_node_lets_a_handed_over_answer_finish(net, relays):
             return b"".join([chunk async for chunk in resp])
 
     pending = asyncio.ensure_future(fetch())
-    await wait_for(lambda: a.node.network.relays == 1, 5)   # on the fast path, unanswered
+    await wait_for(lambda: a.node.router.live == 1, 5)      # forwarded, unanswered
     await a.node.stop("test: SIGTERM")                       # the head comes meanwhile
     assert await pending == b"".join(f"tick {i}\n".encode() for i in range(5))
 
@@ -47,20 +47,24 @@ async def test_a_hand_over_cancelled_before_it_ran_frees_the_link(net, relays, m
     a, b = await pair(net, {"ticker": TICKER})
     c = a.client()
     await c.get("/ticker", args={"n": 1, "delay": 0})        # caches the token
-    hand_over = relay_mod.Relay._hand_over
+    answered = router_mod.Forward.answered
+    cancelled = []
 
     def and_the_client_resets(self, *args):
-        hand_over(self, *args)
-        # What Session._handle_events does for the client's RESET when it comes in the
-        # same loop turn as the answer's head: the task is cancelled before its first step.
-        self.src.task.cancel()
+        answered(self, *args)
+        # What happens when the client's RESET comes in the same loop turn as the
+        # answer's head: the relay task is cancelled before its first step.
+        if self.relay is not None:
+            self.relay.cancel()
+            cancelled.append(self)
 
-    monkeypatch.setattr(relay_mod.Relay, "_hand_over", and_the_client_resets)
+    monkeypatch.setattr(router_mod.Forward, "answered", and_the_client_resets)
     with pytest.raises(Exception):
         async with c.stream("GET", "/ticker", args={"n": 2000, "delay": 0.2},
                             timeout=5) as resp:
             async for _ in resp:
                 pass
+    assert cancelled
     # The link is free again and the far request is cancelled, not left streaming.
     await wait_for(lambda: settled(a) and b.node.inflight == 0, 5)
 
@@ -121,7 +125,7 @@ async def test_a_client_dropping_its_connection_cancels_every_pending_relay(net,
     n = len(relays)
     pending = [asyncio.ensure_future(c.get("/whoami", args={"delay": 3}, timeout=15))
                for _ in range(5)]
-    await wait_for(lambda: a.node.network.relays == 5 and b.node.inflight == 5, 5)
+    await wait_for(lambda: a.node.router.live == 5 and b.node.inflight == 5, 5)
     assert len(relays) == n + 5
     abort_connection(c._session.writer)                      # the client's host is gone
     for p in pending:

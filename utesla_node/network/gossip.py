@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from ..errors import NodeError
+
 __all__ = ["Route", "GossipEngine", "GossipError", "merge", "export_table", "diff",
            "digest", "decode_message", "encode_message", "SERVICE_RE"]
 
@@ -43,7 +45,7 @@ NODE_ID_MAX = 80
 MAX_MESSAGE = 4 << 20
 
 
-class GossipError(ValueError):
+class GossipError(NodeError, ValueError):
     """A malformed or oversized announcement (dropped and logged; the link stays up)."""
 
 

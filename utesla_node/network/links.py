@@ -15,9 +15,7 @@ import logging
 import random
 import struct
 import time
-from typing import TYPE_CHECKING
 
-from protocol import Connection, Role
 from protocol.crypto import PublicKey
 from protocol.errors import ProtocolError, Status, StatusError
 
@@ -25,9 +23,6 @@ from ..client import parse_url
 from ..storage import Peer
 from ..transport import ConnectionLost, Session
 from .gossip import GossipError, decode_message
-
-if TYPE_CHECKING:  # pragma: no cover
-    from . import Network
 
 __all__ = ["Link", "LEN", "cancel_and_wait"]
 
@@ -53,7 +48,9 @@ async def cancel_and_wait(task: asyncio.Task) -> BaseException | None:
 class Link:
     """One upstream peer: connection, gossip subscription, heartbeat, reconnects."""
 
-    def __init__(self, network: "Network", peer: Peer):
+    def __init__(self, network, peer: Peer):
+        # ``network``: the Network this link belongs to (its config, key, settings,
+        # metrics, engine and kick()); not imported here, the package imports us.
         self.network = network
         self.peer = peer
         self.peer_key = PublicKey.from_bytes(peer.public_key)
@@ -127,21 +124,21 @@ class Link:
             await asyncio.sleep(delay)
 
     async def _connect(self) -> None:
-        node = self.network.node
+        net = self.network
+        cfg = net.config
         self.state = "connecting"
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port, limit=1 << 16),
-                node.config.handshake_timeout)
+                cfg.handshake_timeout)
         except OSError as exc:
             raise ConnectionLost(f"cannot connect: {exc.strerror or exc}") from None
-        conn = Connection(Role.CLIENT, identity=node.key, user=self.peer.user,
-                          server_key=self.peer_key, settings=node.settings)
-        session = Session(reader, writer, conn, high_water=node.config.write_high_water,
-                          name=f"link {self.peer.url}")
-        session.start()
+        session = Session.open_client(reader, writer, identity=net.key, user=self.peer.user,
+                                      server_key=self.peer_key, settings=net.settings,
+                                      high_water=cfg.write_high_water,
+                                      name=f"link {self.peer.url}")
         self.session = session
-        await session.wait_ready(node.config.handshake_timeout)
+        await session.wait_ready(cfg.handshake_timeout)
 
     async def _serve(self) -> None:
         """Keep the subscription open and the heartbeat going until the link fails."""
@@ -160,7 +157,7 @@ class Link:
         """Keep our token at the peer alive while the link is up: renew it now, then at
         half its remaining life (at most ``token_renew_interval`` apart).  Without this a
         link would die when the token the admin gave ``add_network`` expires."""
-        cfg = self.network.node.config
+        cfg = self.network.config
         while True:
             delay = min(cfg.token_renew_interval, 60.0)
             try:
@@ -189,14 +186,14 @@ class Link:
             await asyncio.sleep(delay)
 
     async def _subscription(self) -> None:
-        node = self.network.node
+        cfg = self.network.config
         engine = self.network.engine
         # A new subscription starts with a fresh snapshot: a mismatch seen on the old one is
         # settled by it.  Left set, it would end this subscription after its first chunk
         # whenever the snapshot spans several chunks (a resubscribe loop on large tables).
         engine.resync.discard(self.peer_id)
         stream = self.session.open_stream("GET", "/_node/net/routes", token=self.peer.token)
-        status, _ = await asyncio.wait_for(stream.head, node.config.handshake_timeout)
+        status, _ = await asyncio.wait_for(stream.head, cfg.handshake_timeout)
         if status != Status.OK:
             text = (await stream.read_all(4096)).decode("utf-8", "replace")
             raise StatusError(f"peer refused the gossip subscription: {status} {text}", status)
@@ -234,7 +231,7 @@ class Link:
                     try:
                         msg = decode_message(data, max_routes)
                     except GossipError as exc:
-                        self.network.node.metrics.incr("gossip_rejected")
+                        self.network.metrics.incr("gossip_rejected")
                         log.warning("dropped a gossip message from %s: %s", self.peer.url, exc)
                         engine.heard[self.peer_id] = time.monotonic()
                         engine.resync.add(self.peer_id)
@@ -255,7 +252,7 @@ class Link:
                 read.cancel()
 
     async def _heartbeat(self) -> None:
-        interval = self.network.node.config.heartbeat_interval
+        interval = self.network.config.heartbeat_interval
         while True:
             await asyncio.sleep(interval)
             try:

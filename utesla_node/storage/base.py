@@ -26,6 +26,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from protocol.errors import Status
+
+from ..errors import NodeError
+
 __all__ = [
     "SCHEMA_VERSION", "MAX_NAME_LEN", "MAX_URL_LEN", "TOKEN_HASH_LEN",
     "StorageError", "StorageUnavailable", "AlreadyExists", "NoSuchEntry", "TokenLimitReached",
@@ -49,7 +53,7 @@ _INT32_MAX = 2**31 - 1
 
 # --------------------------------------------------------------------------- errors
 
-class StorageError(Exception):
+class StorageError(NodeError):
     """Base of every error raised by a storage backend."""
 
 
@@ -59,6 +63,9 @@ class StorageUnavailable(StorageError):
     Transient by nature: the same call may succeed later.  Request handlers answer with the
     "unavailable" status instead of an internal error.
     """
+
+    status = Status.UNAVAILABLE
+    public = "database unavailable"
 
 
 class AlreadyExists(StorageError):
@@ -71,6 +78,10 @@ class NoSuchEntry(StorageError):
 
 class TokenLimitReached(StorageError):
     """The user already holds as many live tokens as their ``token_limit`` allows."""
+
+    status = Status.FORBIDDEN
+    public = ("token limit reached: revoke a token (utesla-cli revoke) or ask the admin "
+              "for a higher --token-limit")
 
 
 class SchemaTooNew(StorageError):
