@@ -56,13 +56,14 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from protocol import Connection, Role, Settings  # noqa: E402
+from protocol import Settings  # noqa: E402
 from protocol.crypto import PrivateKey  # noqa: E402
 from utesla_node import auth  # noqa: E402
 from utesla_node.client import Client  # noqa: E402
 from utesla_node.keys import load_public_key  # noqa: E402
 from utesla_node.storage import Peer, User, open_storage  # noqa: E402
 from utesla_node.cli.node import raise_nofile  # noqa: E402
+from utesla_node import transport  # noqa: E402
 from utesla_node.transport import Session  # noqa: E402
 
 sys.path.insert(0, str(HERE))
@@ -466,11 +467,9 @@ def usable_connections(wanted: int) -> int:
 
 async def open_idle(node: NodeProc, key: PrivateKey, token: str) -> Session:
     """One authenticated connection that has served one request, then stays idle."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", node.port, limit=1 << 16)
-    conn = Connection(Role.CLIENT, identity=key, user=USER,
-                      server_key=load_public_key(node.folder / "keys" / "key.pub"))
-    session = Session(reader, writer, conn, name="w6")
-    session.start()
+    session = await transport.connect(
+        "127.0.0.1", node.port, identity=key, user=USER,
+        server_key=load_public_key(node.folder / "keys" / "key.pub"), name="w6")
     try:
         await session.wait_ready(60)
         s = session.open_stream("GET", "/hello_world", token=token)

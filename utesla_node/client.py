@@ -26,6 +26,7 @@ from protocol.errors import (AuthenticationFailed, HandshakeFailed, BadRequest, 
 from protocol.messages import MAX_METHOD, MAX_PATH
 
 from .keys import load_private_key, load_public_key
+from . import transport
 from .transport import ConnectionLost, Session, Stream
 
 __all__ = ["Client", "Reply", "ResponseStream", "UTeslaClient", "parse_url", "DEFAULT_PORT"]
@@ -167,16 +168,14 @@ class Client:
             # the node closes it; new requests go to a fresh connection.
             self._session = None
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port, limit=1 << 16),
+                session = await asyncio.wait_for(
+                    transport.connect(self.host, self.port, identity=self.private_key,
+                                      user=self.user, server_key=self.node_key,
+                                      settings=self.settings),
                     self.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 raise Unavailable(f"cannot connect to {self.host}:{self.port}: "
                                   f"{exc or 'timed out'}") from None
-            session = Session.open_client(reader, writer, identity=self.private_key,
-                                          user=self.user, server_key=self.node_key,
-                                          settings=self.settings,
-                                          name=f"{self.host}:{self.port}")
             try:
                 await session.wait_ready(self.connect_timeout)
             except asyncio.TimeoutError:

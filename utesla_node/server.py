@@ -90,8 +90,8 @@ class Node:
                                  max_streams=cfg.max_streams,
                                  handshake_timeout=cfg.handshake_timeout)
         self._wire()
-        self._server = await asyncio.start_server(
-            self._on_connect, cfg.host, cfg.port, limit=1 << 16, backlog=1024)
+        self._server = await loop.create_server(self._new_session, cfg.host, cfg.port,
+                                                backlog=1024)
         sock = self._server.sockets[0]
         self.address = sock.getsockname()[:2]
         self.started_at = time.time()
@@ -260,21 +260,25 @@ class Node:
 
     # -------------------------------------------------------------- connections
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        peer = writer.get_extra_info("peername")
-        ip = peer[0] if peer else "?"
+    def _new_session(self) -> Session:
+        """The protocol factory of the listener: one session per accepted connection."""
+        cfg = self.config
+        session = Session.accept(identity=self.key, settings=self.settings,
+                                 on_request=self.dispatcher.serve, key_lookup=self.gate.user_key,
+                                 high_water=cfg.write_high_water, idle_timeout=cfg.idle_timeout)
+        session.on_request_now = self.dispatcher.accept
+        session.admit = self._admit
+        return session
+
+    def _admit(self, session: Session) -> bool:
+        """Admission (when the connection is made): the connection caps, then the books."""
+        ip = session.peer_address or "?"
         cfg = self.config
         if (self.stopping or len(self.sessions) >= cfg.max_connections
                 or self._per_ip[ip] >= cfg.max_connections_per_ip):
             self.metrics.incr("connections_refused")
             log.warning("refusing connection from %s: connection limit reached", ip)
-            writer.close()
-            return
-        session = Session.accept(reader, writer, identity=self.key, settings=self.settings,
-                                 on_request=self.dispatcher.serve, key_lookup=self.gate.user_key,
-                                 high_water=cfg.write_high_water, idle_timeout=cfg.idle_timeout,
-                                 name=f"{ip}:{peer[1] if peer else 0}")
-        session.on_request_now = self.dispatcher.accept
+            return False
         self.sessions.add(session)
         self._per_ip[ip] += 1
         self.metrics.incr("connections_accepted")
@@ -285,22 +289,20 @@ class Node:
             self.metrics.observe("handshake", time.monotonic() - t0)
 
         session.on_established = established
-        try:
-            await session.run()         # this task is the session's reader
-        finally:
-            self.sessions.discard(session)
-            self._per_ip[ip] -= 1
-            if self._per_ip[ip] <= 0:
-                del self._per_ip[ip]
-            if session.peer_user is None:
-                self.metrics.incr("handshakes_failed")
-            if isinstance(session.close_reason, RemoteProtocolError) and \
-                    session.peer_user is not None:
-                self.metrics.incr("rejected_frames")     # bad record, MAC, framing...
-            self.metrics.incr("bytes_in", session.bytes_in)
-            self.metrics.incr("bytes_out", session.bytes_out)
-            try:
-                await session.wait_closed()
-            except Exception:  # pragma: no cover
-                pass
+        # Counted until the socket is gone, not only the session: a closing connection
+        # may still hold its send buffer for CLOSE_LINGER seconds.
+        session.lost.add_done_callback(lambda _f: self._session_ended(session, ip))
+        return True
 
+    def _session_ended(self, session: Session, ip: str) -> None:
+        self.sessions.discard(session)
+        self._per_ip[ip] -= 1
+        if self._per_ip[ip] <= 0:
+            del self._per_ip[ip]
+        if session.peer_user is None:
+            self.metrics.incr("handshakes_failed")
+        if isinstance(session.close_reason, RemoteProtocolError) and \
+                session.peer_user is not None:
+            self.metrics.incr("rejected_frames")     # bad record, MAC, framing...
+        self.metrics.incr("bytes_in", session.bytes_in)
+        self.metrics.incr("bytes_out", session.bytes_out)

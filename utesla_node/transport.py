@@ -1,16 +1,18 @@
-"""The one place asyncio streams meet the sans-IO protocol.
+"""The one place asyncio meets the sans-IO protocol.
 
-A :class:`Session` owns a ``(StreamReader, StreamWriter)`` pair and a
-:class:`protocol.Connection`.  It reads, feeds the connection, turns events into
-per-stream objects, and writes whatever the connection has to send in *one*
-``write()`` per event-loop turn (coalescing; TCP_NODELAY is set, so nothing
-waits for Nagle).  Everything above it (server, client, peer links) deals in
-:class:`Stream` objects and never sees bytes on the wire.
+A :class:`Session` is an :class:`asyncio.Protocol` that owns a
+:class:`protocol.Connection`: ``data_received`` feeds the connection and turns its
+events into per-stream objects at once (no reader task, no stream buffer in
+between), and whatever the connection has to send goes out in *one* ``write()``
+per event-loop turn (coalescing; TCP_NODELAY is set, so nothing waits for Nagle).
+Everything above it (server, client, peer links) deals in :class:`Stream` objects
+and never sees bytes on the wire, nor the ``Connection``.
 
 Back-pressure: when the transport's write buffer passes ``high_water`` the
-session stops reading from the peer until it drains, and writers of body
-chunks wait too; per-stream credits (SPEC.md §7) keep any one stream from
-buffering more than its window.
+transport pauses us (``pause_writing``): the session stops reading from the peer
+(``pause_reading``) until it drains, and writers of body chunks wait too;
+per-stream credits (SPEC.md §7) keep any one stream from buffering more than its
+window.
 """
 from __future__ import annotations
 
@@ -247,16 +249,60 @@ RequestHandler = Callable[["Session", Stream], Awaitable[None]]
 KeyLookup = Callable[[str], Awaitable["PublicKey | None"]]
 
 
-class Session:
-    """A protocol connection driven over asyncio streams (client, server or peer link)."""
+class _Writer:
+    """The write side as the rest of the code (and tests) see it: the transport, and a
+    ``write`` that may be wrapped (a test measuring the buffer replaces it)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 conn: Connection, *, on_request: RequestHandler | None = None,
+    __slots__ = ("transport", "write")
+
+    def __init__(self, transport: asyncio.Transport):
+        self.transport = transport
+        self.write = transport.write
+
+    def get_extra_info(self, name: str, default=None):
+        return self.transport.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
+async def connect(host: str, port: int, *, identity, user: str, server_key: PublicKey,
+                  settings=None, high_water: int = 1 << 20, name: str = "") -> "Session":
+    """Open a TCP connection and begin a client session's handshake on it (a user's, or
+    a node's link to a peer); ``await session.wait_ready()`` for the keys.  OSError
+    when the connection cannot be made."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> Session:
+        conn = Connection(Role.CLIENT, identity=identity, user=user, server_key=server_key,
+                          settings=settings)
+        return Session(conn, high_water=high_water, name=name or f"{host}:{port}")
+
+    _, session = await loop.create_connection(factory, host, port)
+    session._keeper = loop.create_task(_keep(session), name=f"session {session.name}")
+    return session
+
+
+async def _keep(session: "Session") -> None:
+    """A client session's one task: it ends with the session, and when it is cancelled
+    instead (the program's ``asyncio.run()`` ending with the connection still open, as
+    the blog's script does) it closes the connection cleanly on the way out."""
+    try:
+        await asyncio.shield(session.closed)
+    except asyncio.CancelledError:
+        session.close(Status.OK, "client exiting")
+        raise
+
+
+class Session(asyncio.Protocol):
+    """A protocol connection driven by asyncio (client, server or peer link)."""
+
+    def __init__(self, conn: Connection, *, on_request: RequestHandler | None = None,
                  key_lookup: KeyLookup | None = None, high_water: int = 1 << 20,
                  idle_timeout: float | None = None, name: str = ""):
         self.loop = asyncio.get_running_loop()
-        self.reader = reader
-        self.writer = writer
+        self.transport: asyncio.Transport | None = None
+        self.writer: _Writer | None = None
         self.conn = conn
         self.on_request = on_request
         #: Tried first for each request: True when it took care of it without a task.
@@ -264,7 +310,7 @@ class Session:
         self.key_lookup = key_lookup
         self.high_water = high_water
         self.idle_timeout = idle_timeout
-        self.name = name or str(writer.get_extra_info("peername"))
+        self.name = name
         self.streams: dict[int, Stream] = {}
         self.tasks: set[asyncio.Task] = set()
         self.ready: asyncio.Future = self.loop.create_future()
@@ -275,33 +321,103 @@ class Session:
         self.bytes_out = 0
         self.close_reason: BaseException | None = None
         self._flush_handle: asyncio.Handle | None = None
-        self._drain_lock = asyncio.Lock()
         self._pongs: collections.deque[asyncio.Future] = collections.deque()
         self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
         self.on_established: Callable[["Session"], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._reader_task: asyncio.Task | None = None
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future] = []
+        #: Resolves when the socket is gone (``closed`` resolves when the session ends;
+        #: a closing socket may still be flushing, for at most CLOSE_LINGER seconds).
+        self.lost: asyncio.Future = self.loop.create_future()
+        self._keeper: asyncio.Task | None = None
+        self._authenticating = False    # a key lookup is running: events wait for it
+        #: Called when the connection is made: False refuses it (the server's admission).
+        self.admit: Callable[["Session"], bool] | None = None
         # asyncio and uvloop set TCP_NODELAY on TCP transports already (checked); each
         # flush is one write() call, so nothing waits for Nagle.
 
     @classmethod
-    def open_client(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                    identity, user: str, server_key: PublicKey, settings=None,
-                    high_water: int = 1 << 20, name: str = "") -> "Session":
-        """A client session (a user's, or a node's link to a peer), its handshake begun;
-        ``await session.wait_ready()`` for the keys."""
-        conn = Connection(Role.CLIENT, identity=identity, user=user, server_key=server_key,
-                          settings=settings)
-        session = cls(reader, writer, conn, high_water=high_water, name=name)
-        session.start()
-        return session
+    def accept(cls, *, identity, settings, **kwargs) -> "Session":
+        """A server session (a protocol factory's product) for an accepted connection."""
+        return cls(Connection(Role.SERVER, identity=identity, settings=settings), **kwargs)
 
-    @classmethod
-    def accept(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-               identity, settings, **kwargs) -> "Session":
-        """A server session for an accepted connection (run it with :meth:`run`)."""
-        return cls(reader, writer, Connection(Role.SERVER, identity=identity,
-                                              settings=settings), **kwargs)
+    # -------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.writer = _Writer(transport)
+        # The transport pauses us past high_water (pause_writing), resumes below a quarter.
+        transport.set_write_buffer_limits(high=self.high_water, low=self.high_water // 4)
+        if not self.name:
+            peer = transport.get_extra_info("peername")
+            self.name = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if self.admit is not None and not self.admit(self):
+            self.transport = None           # never started: nothing to close but this
+            transport.close()
+            self.closed.set_result(ConnectionLost("refused"))
+            return
+        self.start()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()      # the peer waits while we cannot write
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            if not self._authenticating:
+                self.transport.resume_reading()
+        self._wake_drainers()
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_activity = time.monotonic()
+        try:
+            events = self.conn.receive_data(data)
+            if events:
+                self._handle_events(events)
+                if self._slot_waiters:
+                    self._wake_slot_waiters()
+            self.flush()
+            if self.conn.closed:
+                self._terminate(self.close_reason or ConnectionLost("connection closed"))
+        except ProtocolError as exc:
+            self._terminate(exc)
+
+    def eof_received(self) -> bool:
+        try:
+            events = self.conn.receive_eof()
+            if events:
+                self._handle_events(events)
+        except ProtocolError as exc:
+            self._terminate(exc)
+            return False
+        self._terminate(self.close_reason or ConnectionLost("connection closed by peer"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not isinstance(exc, ConnectionLost):
+            exc = ConnectionLost(f"connection lost: {exc}")
+        self._terminate(exc or self.close_reason or ConnectionLost("connection closed"))
+        self._wake_drainers()
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    @property
+    def peer_address(self) -> str | None:
+        """The peer's IP address (None before the connection is made)."""
+        if self.transport is None:
+            return None
+        peer = self.transport.get_extra_info("peername")
+        return peer[0] if peer else None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -326,7 +442,7 @@ class Session:
         return self.conn.is_open(stream.id)
 
     def over_high_water(self) -> bool:
-        return self.writer.transport.get_write_buffer_size() > self.high_water
+        return self._write_paused or self.transport.get_write_buffer_size() > self.high_water
 
     @property
     def peer_user(self) -> str | None:
@@ -340,22 +456,11 @@ class Session:
     def is_open(self) -> bool:
         return not self.closed.done() and not self.conn.closed
 
-    def start(self) -> asyncio.Task:
-        """Begin the handshake and the read loop; ``ready`` resolves when keys are set."""
+    def start(self) -> None:
+        """Begin the handshake (once connected); ``ready`` resolves when keys are set."""
         self.conn.initiate(time.monotonic())
         self._arm_timer()
         self.flush()
-        self._reader_task = self.loop.create_task(self._read_loop())
-        return self._reader_task
-
-    async def run(self) -> None:
-        """Like :meth:`start`, but the calling task becomes the read loop (one task
-        per connection instead of two, on the node's accept path)."""
-        self.conn.initiate(time.monotonic())
-        self._arm_timer()
-        self.flush()
-        self._reader_task = asyncio.current_task()
-        await self._read_loop()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         # The protocol's own handshake timer fails ``ready`` too; ``timeout`` may be shorter.
@@ -391,43 +496,8 @@ class Session:
             return
         self._arm_timer()
 
-    async def _read_loop(self) -> None:
-        reader = self.reader
-        try:
-            while True:
-                if self.writer.transport.get_write_buffer_size() > self.high_water:
-                    await self.drain()
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    self.conn.receive_eof()
-                    break
-                self.bytes_in += len(data)
-                self.last_activity = time.monotonic()
-                events = self.conn.receive_data(data)
-                if events:
-                    await self._handle_events(events)
-                    if self._slot_waiters:
-                        self._wake_slot_waiters()
-                self.flush()
-                if self.conn.closed:
-                    break
-        except ProtocolError as exc:
-            self._terminate(exc)
-        except ConnectionLost as exc:          # from drain(): the transport went away
-            self._terminate(exc)
-        except (ConnectionError, OSError) as exc:
-            self._terminate(ConnectionLost(f"connection lost: {exc}"))
-        except asyncio.CancelledError:
-            self._terminate(ConnectionLost("session cancelled"))
-            raise
-        else:
-            self._terminate(self.close_reason or ConnectionLost("connection closed by peer"))
-        # The peer is gone: requests still running for it can no longer be answered.
-        for task in list(self.tasks):
-            task.cancel()
-
-    async def _handle_events(self, events) -> None:
-        for ev in events:
+    def _handle_events(self, events) -> None:
+        for n, ev in enumerate(events):
             t = type(ev)
             if t is DataReceived:
                 s = self.streams.get(ev.stream_id)
@@ -460,15 +530,12 @@ class Session:
                     if s.task is not None:
                         s.task.cancel()     # nobody wants the answer any more
             elif t is AuthenticationRequested:
-                key = None
-                try:
-                    key = await self.key_lookup(ev.user) if self.key_lookup else None
-                except StatusError as exc:
-                    self.conn.close(exc.status, "service unavailable")
-                    self.flush()
-                    raise AuthenticationFailed("key lookup failed") from exc
-                more = self.conn.complete_auth(key)
-                await self._handle_events(more)
+                # The key lookup may wait (the database): reading stops meanwhile, and
+                # the events after this one are handled once it is done.
+                self._authenticating = True
+                self.transport.pause_reading()
+                self.spawn(self._authenticate(ev.user, events[n + 1:]))
+                return
             elif t is HandshakeCompleted:
                 self._arm_timer()
                 if self.on_established is not None:
@@ -489,6 +556,25 @@ class Session:
                 else:
                     self.close_reason = ConnectionLost(
                         f"peer closed the connection{': ' + ev.reason if ev.reason else ''}")
+
+    async def _authenticate(self, user: str, rest: list) -> None:
+        try:
+            try:
+                key = await self.key_lookup(user) if self.key_lookup else None
+            except StatusError as exc:
+                self.conn.close(exc.status, "service unavailable")
+                self.flush()
+                raise AuthenticationFailed("key lookup failed") from exc
+            more = self.conn.complete_auth(key)
+            self._authenticating = False
+            self._handle_events(more + rest)
+            self.flush()
+            if self.conn.closed:
+                self._terminate(self.close_reason or ConnectionLost("connection closed"))
+            elif not self._write_paused and not self.transport.is_closing():
+                self.transport.resume_reading()
+        except ProtocolError as exc:
+            self._terminate(exc)
 
     def _on_request(self, ev: RequestReceived) -> None:
         s = Stream(self, ev.stream_id, incoming=True)
@@ -573,7 +659,7 @@ class Session:
             self._flush_handle.cancel()
             self._flush_handle = None
         data = self.conn.data_to_send()
-        if data and not self.writer.is_closing():
+        if data and self.writer is not None and not self.transport.is_closing():
             self.bytes_out += len(data)
             self.writer.write(data)
 
@@ -597,15 +683,20 @@ class Session:
             self._flush_handle = self.loop.call_soon(self._flush_soon)
 
     async def drain(self) -> None:
-        async with self._drain_lock:
-            try:
-                await self.writer.drain()
-            except (ConnectionError, OSError) as exc:
-                raise ConnectionLost(f"connection lost: {exc}") from exc
+        """Wait until the transport takes writes again (below its low-water mark)."""
+        if self.transport is None or self.transport.is_closing():
+            raise self.close_reason or ConnectionLost("connection closed")
+        if not self._write_paused:
+            return
+        fut = self.loop.create_future()
+        self._drain_waiters.append(fut)
+        await fut
+        if self.closed.done():
+            raise self.close_reason or ConnectionLost("connection closed")
 
     def backlog(self) -> int:
         """Bytes waiting to go out: in the transport's buffer and queued, not yet sealed."""
-        return self.writer.transport.get_write_buffer_size() + self.conn.queued_bytes
+        return self.transport.get_write_buffer_size() + self.conn.queued_bytes
 
     async def drain_if_needed(self) -> None:
         """Wait while this connection's backlog is over the high-water mark.
@@ -616,8 +707,13 @@ class Session:
         """
         while self.backlog() > self.high_water:
             self.flush()
-            await self.drain()
-            if self.conn.closed:
+            if not self._write_paused:
+                # What is queued is sealed now and the transport took it under its mark:
+                # wait a turn for the socket rather than spin.
+                await asyncio.sleep(0)
+            else:
+                await self.drain()
+            if self.conn.closed or self.closed.done():
                 raise self.close_reason or ConnectionLost("connection closed")
 
     def acknowledge(self, stream_id: int, size: int) -> None:
@@ -743,12 +839,16 @@ class Session:
                 f.set_exception(ConnectionLost("connection closed"))
                 f.exception()
         self._pongs.clear()
-        if not self.writer.is_closing():
-            self.writer.close()
-            if self.writer.transport.get_write_buffer_size():
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            if transport.get_write_buffer_size():
                 # close() flushes first; a peer that never reads would keep the socket
                 # (and its buffer, and its place in the connection count) forever.
-                self.loop.call_later(CLOSE_LINGER, self.writer.transport.abort)
+                self.loop.call_later(CLOSE_LINGER, transport.abort)
+        # The peer is gone: requests still running for it can no longer be answered.
+        for task in list(self.tasks):
+            task.cancel()
         if not self.closed.done():
             self.closed.set_result(exc)
 
@@ -762,7 +862,4 @@ class Session:
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self.closed)
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
+        await asyncio.shield(self.lost)

@@ -21,7 +21,7 @@ from protocol.errors import ProtocolError, Status, StatusError
 
 from ..client import parse_url
 from ..storage import Peer
-from ..transport import ConnectionLost, Session
+from ..transport import ConnectionLost, Session, connect
 from .gossip import GossipError, decode_message
 
 __all__ = ["Link", "LEN", "cancel_and_wait"]
@@ -128,15 +128,13 @@ class Link:
         cfg = net.config
         self.state = "connecting"
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=1 << 16),
+            session = await asyncio.wait_for(
+                connect(self.host, self.port, identity=net.key, user=self.peer.user,
+                        server_key=self.peer_key, settings=net.settings,
+                        high_water=cfg.write_high_water, name=f"link {self.peer.url}"),
                 cfg.handshake_timeout)
         except OSError as exc:
             raise ConnectionLost(f"cannot connect: {exc.strerror or exc}") from None
-        session = Session.open_client(reader, writer, identity=net.key, user=self.peer.user,
-                                      server_key=self.peer_key, settings=net.settings,
-                                      high_water=cfg.write_high_water,
-                                      name=f"link {self.peer.url}")
         self.session = session
         await session.wait_ready(cfg.handshake_timeout)
 
