@@ -47,7 +47,7 @@ class Node:
         self.registry = ServiceRegistry.empty()
         self.dispatcher = Dispatcher(self)
         self.builtins = Builtins(self)
-        self.metrics = Metrics()
+        self.metrics = Metrics(max_remote=config.metrics_max_remote_services)
         self.network = None
         self.sessions: set[Session] = set()
         self._per_ip: collections.Counter[str] = collections.Counter()
@@ -90,10 +90,14 @@ class Node:
         self.started_at = time.time()
         from .network import Network
         self.network = Network(self)
+        self.metrics.set_known(local=self.registry.names(), remote=self.network.engine.best)
         await self.network.start()
         if cfg.metrics_listen:
-            from .metrics_http import MetricsServer
-            self.metrics_server = MetricsServer(self, cfg.metrics_listen)
+            from .metrics_http import MetricsServer, health_check
+            self.metrics_server = MetricsServer(cfg.metrics_listen, render=self.prometheus,
+                                                health=health_check(
+                lambda: not self.stopping and self._server.is_serving(),
+                lambda: self.storage.ping()))
             await self.metrics_server.start()
         self._status_task = loop.create_task(self._write_status_loop(), name="status file")
 
@@ -158,6 +162,7 @@ class Node:
 
     def _install_registry(self, registry: ServiceRegistry) -> None:
         self.registry = registry
+        self.metrics.set_known(local=registry.names())
         log.info("services reloaded: %s", ", ".join(registry.names()) or "none")
         if self.network is not None:
             self.network.local_services_changed()
@@ -503,4 +508,4 @@ class Builtins:
         }
 
     async def metrics(self, session, stream, writer, user) -> None:
-        await writer.write(self.node.prometheus().encode())
+        await writer.write((await self.node.prometheus()).encode())
