@@ -78,7 +78,7 @@ class Suppressed:
         name, level, template = self.kind
         return logging.LogRecord(
             name, level, __file__, 0,
-            "%d similar lines suppressed in the last %.0f s: %r",
+            "%d similar lines suppressed in the last %.3g s: %r",
             (self.count, self.seconds, template[:200]), None)
 
 
