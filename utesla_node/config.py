@@ -39,6 +39,9 @@ class NodeConfig:
     data: Path = Path("data")
     #: Folder served by the example file-share service (complements/files.py).
     share: Path = Path("share")
+    #: Bytes the files in ``share`` may take together; an upload that would pass it is
+    #: refused with 507 as its body arrives (0 = no limit).
+    share_quota: int = 1 << 30
     #: Database URL: empty = SQLite in ``data``; ``mysql://user:pass@host:port/db``.
     database_url: str = ""
     #: Connection pool size for MariaDB.
@@ -88,8 +91,16 @@ class NodeConfig:
     #: logging level and format ("text" or "json").
     log_level: str = "INFO"
     log_format: str = "text"
+    #: Lines of one kind (logger, level and message template) written per
+    #: ``log_repeat_interval`` seconds; the rest are counted in one "N similar lines
+    #: suppressed" line (0 = no limit).  Successful requests are always logged.
+    log_repeat_limit: int = 20
+    log_repeat_interval: float = 60.0
     #: ``host:port`` for Prometheus metrics over plain HTTP; empty = off.
     metrics_listen: str = ""
+    #: Remote services (routes) that get a metrics label of their own; requests for
+    #: the others are counted under ``service="_other"``.
+    metrics_max_remote_services: int = 100
     #: The folder relative paths are resolved against, and the file read (if any).
     base_dir: Path = field(default_factory=Path.cwd)
     source: Path | None = None
@@ -180,6 +191,7 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "keys"): ("keys", _path),
     ("server", "data"): ("data", _path),
     ("server", "share"): ("share", _path),
+    ("server", "share_quota"): ("share_quota", _bounded_int(0, 1 << 50)),
     ("server", "max_connections"): ("max_connections", _bounded_int(1, 1_000_000)),
     ("server", "max_connections_per_ip"): ("max_connections_per_ip", _bounded_int(1, 1_000_000)),
     ("server", "handshake_timeout"): ("handshake_timeout", _positive_float),
@@ -204,7 +216,11 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
     ("network", "token_renew_interval"): ("token_renew_interval", _positive_float),
     ("logging", "level"): ("log_level", _level),
     ("logging", "format"): ("log_format", _choice("text", "json")),
+    ("logging", "repeat_limit"): ("log_repeat_limit", _bounded_int(0, 1_000_000)),
+    ("logging", "repeat_interval"): ("log_repeat_interval", _positive_float),
     ("metrics", "listen"): ("metrics_listen", _listen),
+    ("metrics", "max_remote_services"): ("metrics_max_remote_services",
+                                         _bounded_int(0, 10_000)),
 }
 _SECTIONS = {s for s, _ in _KEYS}
 

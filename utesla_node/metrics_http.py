@@ -1,31 +1,55 @@
 """Prometheus metrics and a health check over plain HTTP (``[metrics] listen = host:port``).
 
 A few lines of asyncio, no web framework: ``GET /metrics`` answers the text
-exposition format, ``GET /healthz`` answers 200 only when the database answers
-and the node's listener is open (503 otherwise).  One request per connection.
+exposition format, ``GET /healthz`` answers 200 only when the node says it is
+healthy (503 and the reason otherwise).  One request per connection.
+
+The server knows nothing of the node: it is handed two coroutine functions,
+``render()`` (the page; :meth:`utesla_node.metrics.Metrics.prometheus` writes it a
+few hundred lines per event-loop turn) and ``health()`` (None when healthy, else
+why not; :func:`health_check` builds the usual one).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import Node
-
-__all__ = ["MetricsServer"]
+__all__ = ["MetricsServer", "health_check"]
 
 log = logging.getLogger("utesla.metrics")
 #: Seconds a client has to send its request line and headers; header lines read at most.
 HEAD_TIMEOUT = 5.0
 MAX_HEADERS = 100
+#: Seconds the database has to answer a health check.
+PING_TIMEOUT = 2.0
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable",
-            400: "Bad Request"}
+            400: "Bad Request", 500: "Internal Server Error"}
+
+
+def health_check(serving: Callable[[], bool], ping: Callable[[], Awaitable[object]],
+                 timeout: float = PING_TIMEOUT) -> Callable[[], Awaitable[str | None]]:
+    """A ``health()`` for :class:`MetricsServer`: healthy while ``serving()`` is true
+    (the node accepts connections) and ``ping()`` (the database) answers in time."""
+    async def health() -> str | None:
+        if not serving():
+            return "listener down"
+        try:
+            await asyncio.wait_for(ping(), timeout)
+        except Exception as exc:  # any failure means unhealthy
+            return f"database unavailable: {type(exc).__name__}"
+        return None
+    return health
 
 
 class MetricsServer:
-    def __init__(self, node: "Node", listen: str):
-        self.node = node
+    """``render()`` answers ``/metrics``; ``health()`` (None = healthy, else the reason)
+    answers ``/healthz``."""
+
+    def __init__(self, listen: str, render: Callable[[], Awaitable[str]],
+                 health: Callable[[], Awaitable[str | None]]):
+        self.render = render
+        self.health = health
         host, _, port = listen.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
@@ -41,14 +65,8 @@ class MetricsServer:
             self.server.close()
 
     async def _health(self) -> tuple[int, str]:
-        node = self.node
-        if node.stopping or node._server is None or not node._server.is_serving():
-            return 503, "listener down\n"
-        try:
-            await asyncio.wait_for(node.storage.ping(), 2.0)
-        except Exception as exc:  # any failure means unhealthy
-            return 503, f"database unavailable: {type(exc).__name__}\n"
-        return 200, "ok\n"
+        why = await self.health()
+        return (200, "ok\n") if why is None else (503, f"{why}\n")
 
     @staticmethod
     async def _read_head(reader: asyncio.StreamReader) -> str:
@@ -74,7 +92,11 @@ class MetricsServer:
                 status, body, ctype = 405, "only GET\n", "text/plain"
             elif parts[1].split("?")[0] == "/metrics":
                 status, ctype = 200, "text/plain; version=0.0.4; charset=utf-8"
-                body = self.node.prometheus()
+                try:
+                    body = await self.render()
+                except Exception:
+                    log.exception("rendering /metrics failed")
+                    status, body, ctype = 500, "internal error\n", "text/plain"
             elif parts[1].split("?")[0] == "/healthz":
                 status, body = await self._health()
                 ctype = "text/plain"

@@ -50,7 +50,7 @@ class Node:
         self.registry = ServiceRegistry.empty()
         self.builtins: Builtins | None = None
         self.dispatcher: Dispatcher | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(max_remote=config.metrics_max_remote_services)
         self.network = None
         self.router = None
         self.sessions: set[Session] = set()
@@ -90,6 +90,7 @@ class Node:
                                  max_streams=cfg.max_streams,
                                  handshake_timeout=cfg.handshake_timeout)
         self._wire()
+        self.metrics.set_known(local=self.registry.names(), remote=self.network.engine.best)
         self._server = await loop.create_server(self._new_session, cfg.host, cfg.port,
                                                 backlog=1024)
         sock = self._server.sockets[0]
@@ -97,8 +98,11 @@ class Node:
         self.started_at = time.time()
         await self.network.start()
         if cfg.metrics_listen:
-            from .metrics_http import MetricsServer
-            self.metrics_server = MetricsServer(self, cfg.metrics_listen)
+            from .metrics_http import MetricsServer, health_check
+            self.metrics_server = MetricsServer(
+                cfg.metrics_listen, render=self.prometheus,
+                health=health_check(lambda: not self.stopping and self._server.is_serving(),
+                                    lambda: self.storage.ping()))
             await self.metrics_server.start()
         self._status_task = loop.create_task(self._write_status_loop(), name="status file")
 
@@ -111,7 +115,7 @@ class Node:
                                local_services=lambda: self.registry.names())
         self.builtins = Builtins(self.gate, self.authority, self.metrics,
                                  local_services=lambda: self.registry.names(),
-                                 status=self.status_snapshot, prometheus=self.prometheus_async,
+                                 status=self.status_snapshot, prometheus=self.prometheus,
                                  network=self.network)
         self.dispatcher = Dispatcher(
             gate=self.gate, builtins=self.builtins, registry=lambda: self.registry,
@@ -121,10 +125,7 @@ class Node:
         self.router = Router(self.network, self.dispatcher.finished, cfg.max_hops)
         self.dispatcher.router = self.router
 
-    async def prometheus_async(self) -> str:
-        return self.prometheus()
-
-    def prometheus(self) -> str:
+    async def prometheus(self) -> str:
         """The metrics page: counters, gauges, per-link figures, live traffic."""
         live = {"bytes_in": sum(x.bytes_in for x in self.sessions),
                 "bytes_out": sum(x.bytes_out for x in self.sessions)}
@@ -137,7 +138,7 @@ class Node:
                                  link.rtt if link.rtt is not None else "NaN"))
                 labelled.append(("link_forwarded_requests", "counter", lab, link.forwarded))
                 labelled.append(("link_inflight", "gauge", lab, link.inflight))
-        return self.metrics.prometheus(self.gauges(), live, labelled)
+        return await self.metrics.prometheus(self.gauges(), live, labelled)
 
     def gauges(self) -> dict:
         """Current values for the metrics endpoint."""
@@ -198,6 +199,7 @@ class Node:
 
     def _install_registry(self, registry: ServiceRegistry) -> None:
         self.registry = registry
+        self.metrics.set_known(local=registry.names())
         log.info("services reloaded: %s", ", ".join(registry.names()) or "none")
         if self.network is not None:
             self.network.local_services_changed()

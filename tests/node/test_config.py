@@ -87,6 +87,10 @@ def test_relative_sqlite_url_is_relative_to_node_ini(tmp_path, monkeypatch):
     ("[crypt limits]\nrsa_key_length = 9000\n", ["[crypt limits]", "rsa_key_length"]),
     ("[logging]\nlevel = LOUD\n", ["[logging]", "level"]),
     ("[metrics]\nlisten = nowhere\n", ["[metrics]", "listen"]),
+    ("[metrics]\nmax_remote_services = 10001\n", ["[metrics]", "max_remote_services"]),
+    ("[server]\nshare_quota = -1\n", ["[server]", "share_quota"]),
+    ("[logging]\nrepeat_limit = some\n", ["[logging]", "repeat_limit"]),
+    ("[logging]\nrepeat_interval = 0\n", ["[logging]", "repeat_interval"]),
     ("[server]\nport = 1\nport = 2\n", ["node.ini", "[server]", "port"]),
     ("port = 1\n", ["node.ini", "line 1"]),
 ])
@@ -97,6 +101,16 @@ def test_bad_files_name_file_section_and_key(tmp_path, text, needles):
     assert "\n" not in msg
     for n in needles:
         assert n in msg, (n, msg)
+
+
+def test_limit_keys_of_issue_12(tmp_path):
+    cfg = load_config(None)
+    assert (cfg.share_quota, cfg.log_repeat_limit, cfg.log_repeat_interval,
+            cfg.metrics_max_remote_services) == (1 << 30, 20, 60.0, 100)
+    cfg = _load(tmp_path, "[server]\nshare_quota = 0\n[logging]\nrepeat_limit = 0\n"
+                          "repeat_interval = 0.5\n[metrics]\nmax_remote_services = 7\n")
+    assert (cfg.share_quota, cfg.log_repeat_limit, cfg.log_repeat_interval,
+            cfg.metrics_max_remote_services) == (0, 0, 0.5, 7)
 
 
 def test_overrides(tmp_path):

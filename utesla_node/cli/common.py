@@ -85,9 +85,9 @@ def read_password(value: str | None, prompt: str = "Password", confirm: bool = F
     return click.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+def setup_logging(level: str = "INFO", fmt: str = "text", **limits) -> None:
     from ..logs import configure
-    configure(level, fmt)
+    configure(level, fmt, **limits)
 
 
 def alias(group: click.Group, cmd: click.Command, name: str) -> None:

@@ -74,7 +74,8 @@ def main(config_path, host, port, log_level):
                        log_level=log_level.upper() if log_level else None)
     except EXPECTED as exc:
         fail(str(exc))
-    setup_logging(cfg.log_level, cfg.log_format)
+    setup_logging(cfg.log_level, cfg.log_format, repeat_limit=cfg.log_repeat_limit,
+                  repeat_interval=cfg.log_repeat_interval)
     raise_nofile(cfg.max_connections)
     try:
         sys.exit(run_async(_serve(cfg)))
