@@ -272,27 +272,39 @@ class Connection:
     # ------------------------------------------------------------------ handshake (§4)
 
     def _on_handshake_frame(self, header: bytes, payload: bytes, events: list[Event]) -> None:
-        hs = self._handshake
-        msg, raw = hs.read(AWAITS[self.role, self._state], header, payload)
+        """One handshake message from the peer: check it against the table, act, move on."""
+        msg, raw = self._handshake.read(AWAITS[self.role, self._state], header, payload)
         nxt = advance(self.role, self._state, type(msg))
-        t = type(msg)
-        if t is m.ClientHello:
-            self._learn_peer_settings(msg)
-            self._wire.append(hs.server_flight(raw, msg))
-        elif t is m.ServerHello:
-            self._learn_peer_settings(msg)
-            hs.server_hello(raw, msg)
-        elif t is m.ServerAuth:
-            client_auth, self._sealer = hs.server_auth(raw, msg)
-            self._wire.append(client_auth)      # queued 0.5-RTT records follow it (§4.7)
-            self.peer_key = hs.peer_key
-        elif t is m.ClientAuth:
-            hs.client_auth(raw, msg)
-            events.append(AuthenticationRequested(msg.user))
-        else:                                   # ServerFinished: the table allows no other
-            self._opener = hs.server_finished()
-            events.append(HandshakeCompleted(self.peer_key, None))
+        self._HANDSHAKE_HANDLERS[type(msg)](self, msg, raw, events)
         self._enter(nxt)
+
+    def _on_client_hello(self, msg: m.ClientHello, raw: bytes, events: list[Event]) -> None:
+        self._learn_peer_settings(msg)
+        self._wire.append(self._handshake.server_flight(raw, msg))
+
+    def _on_server_hello(self, msg: m.ServerHello, raw: bytes, events: list[Event]) -> None:
+        self._learn_peer_settings(msg)
+        self._handshake.server_hello(raw, msg)
+
+    def _on_server_auth(self, msg: m.ServerAuth, raw: bytes, events: list[Event]) -> None:
+        client_auth, self._sealer = self._handshake.server_auth(raw, msg)
+        self._wire.append(client_auth)      # queued 0.5-RTT records follow it (§4.7)
+        self.peer_key = self._handshake.peer_key
+
+    def _on_client_auth(self, msg: m.ClientAuth, raw: bytes, events: list[Event]) -> None:
+        self._handshake.client_auth(raw, msg)
+        events.append(AuthenticationRequested(msg.user))
+
+    def _on_server_finished(self, msg: m.ServerFinished, raw: bytes,
+                            events: list[Event]) -> None:
+        self._opener = self._handshake.server_finished()
+        events.append(HandshakeCompleted(self.peer_key, None))
+
+    _HANDSHAKE_HANDLERS = {
+        m.ClientHello: _on_client_hello, m.ServerHello: _on_server_hello,
+        m.ServerAuth: _on_server_auth, m.ClientAuth: _on_client_auth,
+        m.ServerFinished: _on_server_finished,
+    }
 
     def _learn_peer_settings(self, hello) -> None:
         check_hello(hello)

@@ -13,10 +13,10 @@ import struct
 
 import pytest
 
-from protocol import (AuthenticationRequested, ConnectionClosed, DecodeError, FrameError,
-                      GoAwayReceived, HandshakeCompleted, HandshakeFailed, LocalProtocolError,
-                      PongReceived, PrivateKey, RemoteProtocolError, RequestReceived,
-                      ResponseReceived, Role, Settings, Status)
+from protocol import (ConnectionClosed, FrameError, GoAwayReceived, HandshakeCompleted,
+                      HandshakeFailed, LocalProtocolError, PongReceived, PrivateKey,
+                      RemoteProtocolError, RequestReceived, ResponseReceived, Role, Settings,
+                      Status)
 from protocol import messages as m
 from protocol.crypto import TAG_LEN
 from protocol.frame import HEADER, FrameBuffer, pack, unpack
