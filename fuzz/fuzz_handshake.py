@@ -117,7 +117,7 @@ def TestOneInput(data: bytes) -> None:
         server.initiate(0.0)
         server.receive_data(client.data_to_send())
         if target == 2:
-            body = _seal(server._opener.key, body)
+            body = _seal(server._handshake.opener.key, body)
         _feed(server, body, step)
     elif target in (3, 4, 5):
         client, server = _client(), _server()
@@ -128,10 +128,10 @@ def TestOneInput(data: bytes) -> None:
             pass
         elif target == 4:
             client.receive_data(_first_frame(flight))           # ServerHello only
-            body = _seal(client._opener.key, body)
+            body = _seal(client._handshake.opener.key, body)
         else:
             client.receive_data(flight)                         # ServerHello + ServerAuth
-            body = _seal(client._opener.key, body, counter=1)   # the next node record
+            body = _seal(client._handshake.opener.key, body, counter=1)   # the next node record
         _feed(client, body, step)
     else:
         client, server = _established()

@@ -5,62 +5,40 @@ caller feeds received bytes to :meth:`Connection.receive_data`, acts on the
 events it returns, calls ``send_*`` methods, and writes whatever
 :meth:`Connection.data_to_send` returns.  Time is passed in as ``now``.
 
+It ties three parts together, each in its own module: the handshake's state
+table and key schedule (:mod:`protocol.handshake`), the streams and their credit
+(:mod:`protocol.streams`), and the record layer that seals queued messages into
+as few records as possible (:mod:`protocol.record`).  What stays here is the
+message level: which message may come or go when, and the events they make.
+
 Any :class:`~protocol.errors.ProtocolError` raised here leaves the connection
 closed, with a CLOSE message queued when one can still be sent; the caller
 flushes ``data_to_send()`` and drops the transport.
 """
 from __future__ import annotations
 
-import enum
-import hashlib
-import hmac
-import struct
 from dataclasses import dataclass
 
 from . import messages as m
-from .crypto import Ephemeral, PrivateKey, PublicKey, TAG_LEN, hkdf
-from .errors import (AuthenticationFailed, DecodeError, FlowControlError, FrameError,
-                     HandshakeFailed, LocalProtocolError, ProtocolError, RemoteProtocolError,
-                     Status)
+from .crypto import PrivateKey, PublicKey
+from .errors import (AuthenticationFailed, DecodeError, FrameError, HandshakeFailed,
+                     LocalProtocolError, ProtocolError, Status)
 from .events import (AuthenticationRequested, ConnectionClosed, DataReceived, Event,
                      GoAwayReceived, HandshakeCompleted, PongReceived, RequestReceived,
                      ResponseReceived, StreamReset, WindowUpdated)
-from .frame import DEFAULT_MAX_RECORD, FrameBuffer, frame, pack, unpack
-from .record import REKEY_AFTER, Opener, Sealer
+from .frame import DEFAULT_MAX_RECORD, FrameBuffer, pack, unpack
+from .handshake import (AWAITS, MAX_HANDSHAKE_FRAME, MIN_RECORD, MIN_STREAMS, MIN_WINDOW,
+                        PROLOGUE, PROTOCOL_VERSION, Handshake, Role, State, advance,
+                        check_hello)
+from .record import RECORD_OVERHEAD, REKEY_AFTER, Opener, Sealer, seal_batches
+from .streams import Stream, StreamTable
 
-__all__ = ["Role", "Settings", "Connection", "PROTOCOL_VERSION", "PROLOGUE"]
+__all__ = ["Role", "Settings", "Connection", "PROTOCOL_VERSION", "PROLOGUE",
+           "MAX_HANDSHAKE_FRAME", "MIN_WINDOW", "MIN_STREAMS", "MIN_RECORD",
+           "MESSAGE_OVERHEAD"]
 
-PROTOCOL_VERSION = 1
-#: Absorbed first into the transcript: binds every signature to this protocol.
-PROLOGUE = b"utesla protocol 1"
-_SERVER_SIG_CONTEXT = b"utesla/1 server signature\x00"
-_CLIENT_SIG_CONTEXT = b"utesla/1 client signature\x00"
-_HS_INFO = b"utesla/1 handshake keys"
-_AP_INFO = b"utesla/1 application keys"
 #: Bytes of msgpack framing around a body in one DATA message, at most (SPEC.md §6.3).
 MESSAGE_OVERHEAD = 48
-_RECORD_OVERHEAD = 5 + TAG_LEN      # array header + tag
-#: Every peer grants at least this much (SPEC.md §4.2), so a client can queue
-#: requests before it has heard the node's settings.
-MIN_WINDOW = 65536
-MIN_STREAMS = 16
-MIN_RECORD = 16384
-
-
-class Role(enum.Enum):
-    CLIENT = "client"
-    SERVER = "server"
-
-
-class _State(enum.Enum):
-    START = 0
-    CLIENT_SENT_HELLO = 1
-    CLIENT_AWAIT_FINISHED = 2
-    SERVER_AWAIT_HELLO = 3
-    SERVER_AWAIT_AUTH = 4
-    SERVER_AWAIT_KEY = 5
-    ESTABLISHED = 6
-    CLOSED = 7
 
 
 @dataclass(frozen=True)
@@ -81,34 +59,6 @@ class Settings:
     aead_backend: str | None = None
 
 
-class _Stream:
-    __slots__ = ("id", "send_credit", "recv_credit", "unacked", "local_open", "remote_open",
-                 "head")
-
-    def __init__(self, stream_id: int, send_credit: int, recv_credit: int):
-        self.id = stream_id
-        self.send_credit = send_credit
-        self.recv_credit = recv_credit
-        self.unacked = 0
-        self.local_open = True
-        self.remote_open = True
-        # The RESPONSE of this stream went out (peer's stream) or came in (ours): a
-        # response body (DATA) may only follow it, and there is exactly one (§7.2).
-        self.head = False
-
-
-_ARRAY16 = struct.Struct(">BH")
-_ARRAY32 = struct.Struct(">BI")
-
-
-def _array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes((0x90 | n,))
-    if n < 65536:
-        return _ARRAY16.pack(0xDC, n)
-    return _ARRAY32.pack(0xDD, n)
-
-
 class Connection:
     """One end of a utesla session.
 
@@ -122,51 +72,61 @@ class Connection:
                  ephemeral_secret: bytes | None = None):
         self.role = role
         self.settings = settings or Settings()
-        self._identity = identity
-        self._user = user
-        self._pinned = server_key
         if role is Role.CLIENT:
             if not user or server_key is None:
                 raise LocalProtocolError("a client needs a user name and the node's pinned key")
             if len(user.encode()) > m.MAX_USER:
                 raise LocalProtocolError("user name too long")
-        self._ephemeral = Ephemeral(ephemeral_secret)
-        self._state = _State.START if role is Role.CLIENT else _State.SERVER_AWAIT_HELLO
+        #: The handshake in progress; None once it has ended (its secrets go with it).
+        self._handshake: Handshake | None = Handshake(
+            role, identity, self.settings, user=user, pinned=server_key,
+            ephemeral_secret=ephemeral_secret)
         self._frames = FrameBuffer(self.settings.max_record)
-        self._transcript = hashlib.sha256(PROLOGUE)
+        self._state = State.START
+        self._enter(State.START if role is Role.CLIENT else State.SERVER_AWAIT_HELLO)
+        # Application keys (ours to seal, the peer's to open), set as the handshake ends.
         self._sealer: Sealer | None = None
         self._opener: Opener | None = None
-        self._hs_sealer: Sealer | None = None
-        self._shared: bytes | None = None
-        self._ap_keys: tuple[bytes, bytes] | None = None
         self._out: list[bytes] = []           # encoded application messages not yet sealed
         self._wire: list[bytes] = []          # bytes ready for the transport
-        self._streams: dict[int, _Stream] = {}
-        self._peer_open = 0                   # streams the peer opened that are still open
-        self._next_id = 1 if role is Role.CLIENT else 2
-        self._last_peer_id = 0
-        self._peer_window = MIN_WINDOW
+        self._stream_table = StreamTable(
+            client=role is Role.CLIENT, window=self.settings.window,
+            max_streams=self.settings.max_streams, peer_window=MIN_WINDOW,
+            peer_max_streams=MIN_STREAMS)
         self._peer_max_record = MIN_RECORD
-        self._peer_max_streams = MIN_STREAMS
         self._deadline: float | None = None
-        self._claimed_user: str | None = None
-        self._client_sig: bytes = b""
-        self._sig_input: bytes = b""
         self._goaway_sent = False
         self._goaway_received = False
         self._close_received = False
         self.peer_key: PublicKey | None = None
         self.peer_user: str | None = None
 
+    # ------------------------------------------------------------------ state
+
+    def _enter(self, state: State) -> None:
+        """Every state change goes through here (the handshake's come from ``advance``).
+
+        While a handshake message is awaited, no frame may be larger than the
+        largest handshake message: a peer that has proven nothing cannot make us
+        wait for, and buffer, a megabyte (SPEC.md §4.1).
+        """
+        self._state = state
+        if (self.role, state) in AWAITS:
+            self._frames.max_size = min(MAX_HANDSHAKE_FRAME, self.settings.max_record)
+        else:
+            self._frames.max_size = self.settings.max_record
+        if state is State.CLOSED or state is State.ESTABLISHED:
+            self._handshake = None
+
     # ------------------------------------------------------------------ properties
 
     @property
     def established(self) -> bool:
-        return self._state is _State.ESTABLISHED
+        return self._state is State.ESTABLISHED
 
     @property
     def closed(self) -> bool:
-        return self._state is _State.CLOSED
+        return self._state is State.CLOSED
 
     @property
     def can_send(self) -> bool:
@@ -176,12 +136,22 @@ class Connection:
         ClientAuth, under the application key (0.5-RTT requests, SPEC.md §4.7).
         """
         if self.role is Role.CLIENT:
-            return self._state is not _State.CLOSED
-        return self._state is _State.ESTABLISHED
+            return self._state is not State.CLOSED
+        return self._state is State.ESTABLISHED
 
     @property
     def open_streams(self) -> int:
-        return len(self._streams)
+        return len(self._stream_table)
+
+    @property
+    def stream_ids(self) -> list[int]:
+        """Ids of the streams open in either direction, oldest first."""
+        return list(self._stream_table.by_id)
+
+    @property
+    def _streams(self) -> dict[int, Stream]:
+        # Read by utesla_node's tests (tests/network); ``stream_ids`` is the public form.
+        return self._stream_table.by_id
 
     @property
     def peer_max_record(self) -> int:
@@ -190,7 +160,7 @@ class Connection:
     @property
     def stream_slots(self) -> int:
         """Streams we may still open before reaching the peer's ``max_streams``."""
-        return max(0, self._peer_max_streams - (len(self._streams) - self._peer_open))
+        return self._stream_table.slots
 
     @property
     def queued_bytes(self) -> int:
@@ -198,22 +168,26 @@ class Connection:
         return sum(map(len, self._out))
 
     @property
+    def queued_messages(self) -> int:
+        """Application messages queued and not yet sealed into records."""
+        return len(self._out)
+
+    @property
     def peer_window(self) -> int:
         """Initial credit the peer grants each stream (body bytes before a WINDOW)."""
-        return self._peer_window
+        return self._stream_table.peer_window
 
     @property
     def max_chunk(self) -> int:
         """Largest body one message may carry towards the peer."""
-        return self._peer_max_record - _RECORD_OVERHEAD - MESSAGE_OVERHEAD
+        return self._peer_max_record - RECORD_OVERHEAD - MESSAGE_OVERHEAD
 
     def send_credit(self, stream_id: int) -> int:
         """Body bytes we may still send on ``stream_id`` (0 for unknown streams)."""
-        s = self._streams.get(stream_id)
-        return s.send_credit if s is not None and s.local_open else 0
+        return self._stream_table.send_credit(stream_id)
 
     def is_open(self, stream_id: int) -> bool:
-        return stream_id in self._streams
+        return stream_id in self._stream_table
 
     # ------------------------------------------------------------------ timers
 
@@ -222,241 +196,144 @@ class Connection:
         self._deadline = now + self.settings.handshake_timeout
         if self.role is Role.SERVER:
             return
-        if self._state is not _State.START:
-            raise LocalProtocolError("initiate() called twice")
-        hello = m.encode(m.ClientHello(PROTOCOL_VERSION, self._ephemeral.public,
-                                       self.settings.window, self.settings.max_record,
-                                       self.settings.max_streams))
-        self._absorb(hello)
-        self._wire.append(frame(hello))
-        self._state = _State.CLIENT_SENT_HELLO
+        nxt = advance(self.role, self._state, m.ClientHello, sent=True)
+        self._wire.append(self._handshake.client_hello())
+        self._enter(nxt)
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next be called, or None."""
-        if self._state in (_State.ESTABLISHED, _State.CLOSED):
+        if self._state is State.ESTABLISHED or self._state is State.CLOSED:
             return None
         return self._deadline
 
     def handle_timer(self, now: float) -> None:
+        """Call at :meth:`get_timer`'s time: past the deadline the handshake fails (408).
+
+        The CLOSE 408 goes out like any handshake CLOSE (SPEC.md §4.8): sealed when we
+        have a handshake key, in clear from a server still awaiting the ClientHello;
+        the caller flushes :meth:`data_to_send` and drops the transport.
+        """
         if self._deadline is not None and now >= self._deadline and self._state not in (
-                _State.ESTABLISHED, _State.CLOSED):
+                State.ESTABLISHED, State.CLOSED):
             self._fail(HandshakeFailed("handshake timed out", code=Status.TIMEOUT))
 
     # ------------------------------------------------------------------ receiving
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes from the transport; returns the events they complete."""
-        if self._state is _State.CLOSED:
+        state = self._state
+        if state is State.CLOSED:
             return []
-        self._frames.feed(data)
-        if self._state is _State.SERVER_AWAIT_KEY and len(self._frames) > 2 * self.settings.max_record:
-            # Bytes pipelined behind ClientAuth wait for the key lookup; bounded.
-            self._fail(FrameError("too much data before authentication completed"))
+        if state is State.START:
+            raise LocalProtocolError("receive_data() before initiate()")
+        try:
+            self._frames.feed(data)
+            if state is State.SERVER_AWAIT_KEY and \
+                    len(self._frames) > 2 * self.settings.max_record:
+                # Bytes pipelined behind ClientAuth wait for the key lookup; bounded.
+                raise FrameError("too much data before authentication completed")
+        except ProtocolError as exc:
+            self._fail(exc)
         return self._drain()
 
     def receive_eof(self) -> list[Event]:
         """The transport closed.  Without a CLOSE first, that is a truncation."""
-        if self._state is _State.CLOSED:
+        if self._state is State.CLOSED:
             return []
-        if self._state is _State.ESTABLISHED and not self._frames:
+        if self._state is State.ESTABLISHED and not self._frames:
             exc = FrameError("connection closed without a CLOSE message", code=Status.BAD_REQUEST)
         else:
             exc = FrameError("connection closed in the middle of a record or handshake",
                              code=Status.BAD_REQUEST)
-        self._state = _State.CLOSED
-        self._clear_streams()
+        self._enter(State.CLOSED)
+        self._stream_table.clear()
         raise exc
 
     def _drain(self) -> list[Event]:
+        """Process every complete frame the current state can take.
+
+        Draining stops where no frame is awaited: closed, or a server waiting for
+        the application's key lookup (later records stay buffered, unopened, §4.7).
+        """
         events: list[Event] = []
         try:
-            while self._state not in (_State.CLOSED, _State.SERVER_AWAIT_KEY):
+            while self._state is State.ESTABLISHED or (self.role, self._state) in AWAITS:
                 got = self._frames.next_frame()
                 if got is None:
                     break
-                self._on_frame(got[0], got[1], events)
+                if self._state is State.ESTABLISHED:
+                    self._on_records(self._opener.open(*got), events)
+                else:
+                    self._on_handshake_frame(got[0], got[1], events)
         except ProtocolError as exc:
             self._fail(exc)
         return events
 
-    def _on_frame(self, header: bytes, payload: bytes, events: list[Event]) -> None:
-        st = self._state
-        if st is _State.ESTABLISHED:
-            self._on_records(self._opener.open(header, payload), events)
-        elif st is _State.SERVER_AWAIT_HELLO:
-            self._on_client_hello(header, payload)
-        elif st is _State.CLIENT_SENT_HELLO:
-            if self._opener is None:
-                self._on_server_hello(header, payload)
-            else:
-                self._on_server_auth(self._opener.open(header, payload))
-        elif st is _State.SERVER_AWAIT_AUTH:
-            self._on_client_auth(self._opener.open(header, payload), events)
-        elif st is _State.CLIENT_AWAIT_FINISHED:
-            self._on_server_finished(self._opener.open(header, payload), events)
-        else:  # pragma: no cover - guarded by _drain
-            raise LocalProtocolError(f"frame in state {st}")
-
     # ------------------------------------------------------------------ handshake (§4)
 
-    def _absorb(self, payload: bytes) -> None:
-        self._transcript.update(frame(payload))
+    def _on_handshake_frame(self, header: bytes, payload: bytes, events: list[Event]) -> None:
+        """One handshake message from the peer: check it against the table, act, move on."""
+        msg, raw = self._handshake.read(AWAITS[self.role, self._state], header, payload)
+        nxt = advance(self.role, self._state, type(msg))
+        self._HANDSHAKE_HANDLERS[type(msg)](self, msg, raw, events)
+        self._enter(nxt)
 
-    def _hash_with(self, extra: bytes) -> bytes:
-        h = self._transcript.copy()
-        h.update(frame(extra))
-        return h.digest()
+    def _on_client_hello(self, msg: m.ClientHello, raw: bytes, events: list[Event]) -> None:
+        self._learn_peer_settings(msg)
+        self._wire.append(self._handshake.server_flight(raw, msg))
 
-    def _single(self, plaintext: bytes, cls: type) -> m.Message:
-        obj = unpack(plaintext)
-        if type(obj) is not list or len(obj) != 1:
-            raise DecodeError("a handshake record carries exactly one message")
-        msg = m.decode(obj[0])
-        if isinstance(msg, m.Close):
-            if msg.status == Status.UNAUTHORIZED:
-                raise AuthenticationFailed("authentication failed")
-            raise HandshakeFailed(f"peer refused the handshake: {msg.status} {msg.reason}",
-                                  code=msg.status)
-        if not isinstance(msg, cls):
-            raise HandshakeFailed(f"expected {cls.__name__}, got {type(msg).__name__}")
-        return msg
+    def _on_server_hello(self, msg: m.ServerHello, raw: bytes, events: list[Event]) -> None:
+        self._learn_peer_settings(msg)
+        self._handshake.server_hello(raw, msg)
 
-    def _plain(self, payload: bytes, cls: type) -> m.Message:
-        msg = m.decode(unpack(payload))
-        if isinstance(msg, m.Close):
-            raise HandshakeFailed(f"peer refused the handshake: {msg.status} {msg.reason}",
-                                  code=msg.status)
-        if not isinstance(msg, cls):
-            raise HandshakeFailed(f"expected {cls.__name__}, got {type(msg).__name__}")
-        return msg
+    def _on_server_auth(self, msg: m.ServerAuth, raw: bytes, events: list[Event]) -> None:
+        client_auth, self._sealer = self._handshake.server_auth(raw, msg)
+        self._wire.append(client_auth)      # queued 0.5-RTT records follow it (§4.7)
+        self.peer_key = self._handshake.peer_key
 
-    def _derive(self, info: bytes) -> tuple[bytes, bytes]:
-        okm = hkdf(self._shared, self._transcript.digest(), info, 64)
-        return okm[:32], okm[32:]
+    def _on_client_auth(self, msg: m.ClientAuth, raw: bytes, events: list[Event]) -> None:
+        self._handshake.client_auth(raw, msg)
+        events.append(AuthenticationRequested(msg.user))
+
+    def _on_server_finished(self, msg: m.ServerFinished, raw: bytes,
+                            events: list[Event]) -> None:
+        self._opener = self._handshake.server_finished()
+        events.append(HandshakeCompleted(self.peer_key, None))
+
+    _HANDSHAKE_HANDLERS = {
+        m.ClientHello: _on_client_hello, m.ServerHello: _on_server_hello,
+        m.ServerAuth: _on_server_auth, m.ClientAuth: _on_client_auth,
+        m.ServerFinished: _on_server_finished,
+    }
 
     def _learn_peer_settings(self, hello) -> None:
-        if hello.version != PROTOCOL_VERSION:
-            raise HandshakeFailed(f"unsupported protocol version {hello.version}")
-        if (hello.max_record < MIN_RECORD or hello.window < MIN_WINDOW
-                or hello.max_streams < MIN_STREAMS):
-            raise HandshakeFailed("peer settings below the protocol minimums")
-        for s in self._streams.values():   # requests queued before we knew the window
-            s.send_credit += hello.window - self._peer_window
-        self._peer_window = hello.window
+        check_hello(hello)
+        self._stream_table.learn_peer(hello.window, hello.max_streams)
         self._peer_max_record = hello.max_record
-        self._peer_max_streams = hello.max_streams
-
-    def _on_client_hello(self, header: bytes, payload: bytes) -> None:
-        try:
-            hello = self._plain(payload, m.ClientHello)
-            self._learn_peer_settings(hello)
-        except HandshakeFailed as exc:
-            # Still in clear text: tell the client why, in clear text.
-            self._wire.append(frame(m.encode(m.Close(Status.BAD_REQUEST, str(exc)))))
-            self._state = _State.CLOSED
-            raise
-        self._absorb(payload)
-        self._shared = self._ephemeral.exchange(hello.ephemeral)
-        reply = m.encode(m.ServerHello(PROTOCOL_VERSION, self._ephemeral.public,
-                                       self.settings.window, self.settings.max_record,
-                                       self.settings.max_streams))
-        self._absorb(reply)
-        self._wire.append(frame(reply))
-        c_hs, s_hs = self._derive(_HS_INFO)
-        rekey = self.settings.rekey_after
-        self._hs_sealer = Sealer(s_hs, self.settings.aead_backend, rekey)
-        self._opener = Opener(c_hs, self.settings.aead_backend, rekey)
-        der = self._identity.public.der
-        signature = self._identity.sign(_SERVER_SIG_CONTEXT + self._hash_with(der))
-        auth = _array_header(1) + m.encode(m.ServerAuth(der, signature))
-        self._absorb(auth)
-        self._wire.append(self._hs_sealer.seal(auth))
-        self._state = _State.SERVER_AWAIT_AUTH
-
-    def _on_server_hello(self, header: bytes, payload: bytes) -> None:
-        hello = self._plain(payload, m.ServerHello)
-        self._learn_peer_settings(hello)
-        self._absorb(payload)
-        self._shared = self._ephemeral.exchange(hello.ephemeral)
-        c_hs, s_hs = self._derive(_HS_INFO)
-        rekey = self.settings.rekey_after
-        self._hs_sealer = Sealer(c_hs, self.settings.aead_backend, rekey)
-        self._opener = Opener(s_hs, self.settings.aead_backend, rekey)
-
-    def _on_server_auth(self, plaintext: bytes) -> None:
-        auth = self._single(plaintext, m.ServerAuth)
-        # The pinned key is compared byte for byte before any signature work (§4.4).
-        if not hmac.compare_digest(auth.public_key, self._pinned.der):
-            raise AuthenticationFailed("the node's key does not match the pinned key")
-        signed = _SERVER_SIG_CONTEXT + self._hash_with(auth.public_key)
-        if not self._pinned.verify(signed, auth.signature):
-            raise AuthenticationFailed("the node's signature is invalid")
-        self._absorb(plaintext)
-        self.peer_key = self._pinned
-        user = self._user.encode()
-        signature = self._identity.sign(_CLIENT_SIG_CONTEXT + self._hash_with(user))
-        record = _array_header(1) + m.encode(m.ClientAuth(self._user, signature))
-        self._absorb(record)
-        self._wire.append(self._hs_sealer.seal(record))
-        c_ap, s_ap = self._derive(_AP_INFO)
-        self._sealer = Sealer(c_ap, self.settings.aead_backend, self.settings.rekey_after)
-        self._ap_keys = (c_ap, s_ap)
-        self._state = _State.CLIENT_AWAIT_FINISHED
-
-    def _on_client_auth(self, plaintext: bytes, events: list[Event]) -> None:
-        auth = self._single(plaintext, m.ClientAuth)
-        self._sig_input = _CLIENT_SIG_CONTEXT + self._hash_with(auth.user.encode())
-        self._client_sig = auth.signature
-        self._absorb(plaintext)
-        self._claimed_user = auth.user
-        self._state = _State.SERVER_AWAIT_KEY
-        events.append(AuthenticationRequested(auth.user))
 
     def complete_auth(self, key: PublicKey | None) -> list[Event]:
         """Server: the claimed user's registered key, or None when there is no such user.
 
-        Unknown user and bad signature end the same way (one generic refusal), and
-        an unknown user still costs a signature check so timing does not differ much.
+        Unknown user and bad signature end the same way (one generic refusal, SPEC.md
+        §4.6), and an unknown user still costs a signature check so timing does not
+        differ much.
         """
-        if self._state is not _State.SERVER_AWAIT_KEY:
-            raise LocalProtocolError("complete_auth() without a pending authentication")
-        ok = key.verify(self._sig_input, self._client_sig) if key is not None else (
-            self._identity.public.verify(self._sig_input, self._client_sig) and False)
-        if not ok:
-            self._wire.append(self._hs_sealer.seal(
-                _array_header(1) + m.encode(m.Close(Status.UNAUTHORIZED,
-                                                    "authentication failed"))))
-            self._state = _State.CLOSED
-            self._clear_streams()
+        nxt = advance(self.role, self._state, m.ServerFinished, sent=True)
+        hs = self._handshake
+        if not hs.verify_client(key):
+            self._wire.append(hs.close_frame(m.encode(
+                m.Close(Status.UNAUTHORIZED, "authentication failed"))))
+            self._enter(State.CLOSED)
+            self._stream_table.clear()
             raise AuthenticationFailed("authentication failed")
         self.peer_key = key
-        self.peer_user = self._claimed_user
-        c_ap, s_ap = self._derive(_AP_INFO)
-        self._wire.append(self._hs_sealer.seal(_array_header(1) + m.encode(m.ServerFinished())))
-        self._hs_sealer = None
-        self._sealer = Sealer(s_ap, self.settings.aead_backend, self.settings.rekey_after)
-        self._opener = Opener(c_ap, self.settings.aead_backend, self.settings.rekey_after)
-        self._state = _State.ESTABLISHED
-        self._sig_input = self._client_sig = b""
-        self._forget_secrets()
+        self.peer_user = hs.claimed_user
+        finished, self._sealer, self._opener = hs.server_finished_flight()
+        self._wire.append(finished)
+        self._enter(nxt)
         events: list[Event] = [HandshakeCompleted(key, self.peer_user)]
         events.extend(self._drain())
         return events
-
-    def _on_server_finished(self, plaintext: bytes, events: list[Event]) -> None:
-        self._single(plaintext, m.ServerFinished)
-        self._opener = Opener(self._ap_keys[1], self.settings.aead_backend,
-                              self.settings.rekey_after)
-        self._ap_keys = None
-        self._hs_sealer = None
-        self._state = _State.ESTABLISHED
-        self._forget_secrets()
-        events.append(HandshakeCompleted(self.peer_key, None))
-
-    def _forget_secrets(self) -> None:
-        """Forward secrecy in memory too: the ephemeral key and shared secret go."""
-        self._ephemeral = None
-        self._shared = None
 
     # ------------------------------------------------------------------ records (§5, §6)
 
@@ -471,99 +348,35 @@ class Connection:
             if handler is None:
                 raise DecodeError(f"{type(msg).__name__} is not allowed after the handshake")
             handler(self, msg, events)
-            if self._state is _State.CLOSED:
-                return
-
-    def _peer_parity(self, stream_id: int) -> bool:
-        return (stream_id % 2 == 0) == (self.role is Role.CLIENT)
-
-    def _stream_for_body(self, stream_id: int, size: int) -> _Stream | None:
-        s = self._streams.get(stream_id)
-        if s is None:
-            known = stream_id <= self._last_peer_id if self._peer_parity(stream_id) \
-                else stream_id < self._next_id
-            if not known:
-                raise FlowControlError(f"body on stream {stream_id} that was never opened")
-            return None  # a stream we already closed or reset: late bytes are dropped
-        if not s.remote_open:
-            raise FlowControlError(f"body on stream {stream_id} after its end")
-        if size > s.recv_credit:
-            raise FlowControlError(
-                f"peer sent {size} bytes on stream {stream_id} with {s.recv_credit} of credit")
-        s.recv_credit -= size
-        return s
-
-    def _drop(self, stream_id: int) -> bool:
-        """Forget a stream; True if it was open."""
-        if self._streams.pop(stream_id, None) is None:
-            return False
-        if self._peer_parity(stream_id):
-            self._peer_open -= 1
-        return True
-
-    def _clear_streams(self) -> None:
-        self._streams.clear()
-        self._peer_open = 0
-
-    def _finish_remote(self, s: _Stream) -> None:
-        s.remote_open = False
-        if not s.local_open:
-            self._drop(s.id)
+            if self._state is State.CLOSED:
+                return      # a CLOSE ends the record too: what follows it is ignored (§5.5)
 
     def _on_request(self, msg: m.Request, events: list[Event]) -> None:
         sid = msg.stream_id
-        if not self._peer_parity(sid) or sid <= self._last_peer_id or sid == 0:
-            raise FlowControlError(f"stream id {sid} is not a new stream of the peer")
-        self._last_peer_id = sid
-        if len(msg.body) > self.settings.window:
-            raise FlowControlError("request body larger than the initial window")
-        if self._goaway_sent or self._peer_open >= self.settings.max_streams:
+        s = self._stream_table.open_remote(sid, len(msg.body), msg.end,
+                                           refuse=self._goaway_sent)
+        if s is None:
             self._queue(m.Reset(sid, Status.UNAVAILABLE,
                                 "going away" if self._goaway_sent else "too many streams"))
             return
-        s = _Stream(sid, self._peer_window, self.settings.window - len(msg.body))
-        if msg.end:
-            s.remote_open = False
-        self._streams[sid] = s
-        self._peer_open += 1
         events.append(RequestReceived(sid, msg.method, msg.path, msg.token, msg.args,
                                       msg.headers, msg.body, msg.end, msg.envelope))
 
     def _on_response(self, msg: m.Response, events: list[Event]) -> None:
-        s = self._stream_for_body(msg.stream_id, len(msg.body))
-        if self._peer_parity(msg.stream_id):
-            raise FlowControlError("response on a stream the peer opened")
-        if s is None:
-            return
-        if s.head:
-            raise FlowControlError(f"second response on stream {msg.stream_id}")
-        s.head = True
-        if msg.end:
-            self._finish_remote(s)
-        events.append(ResponseReceived(msg.stream_id, msg.status, msg.headers, msg.body,
-                                       msg.end))
+        if self._stream_table.response(msg.stream_id, len(msg.body), msg.end):
+            events.append(ResponseReceived(msg.stream_id, msg.status, msg.headers, msg.body,
+                                           msg.end))
 
     def _on_data(self, msg: m.Data, events: list[Event]) -> None:
-        s = self._stream_for_body(msg.stream_id, len(msg.body))
-        if s is None:
-            return
-        if not s.head and not self._peer_parity(msg.stream_id):
-            raise FlowControlError(f"response body before the response on stream {s.id}")
-        if msg.end:
-            self._finish_remote(s)
-        events.append(DataReceived(msg.stream_id, msg.body, msg.end))
+        if self._stream_table.data(msg.stream_id, len(msg.body), msg.end):
+            events.append(DataReceived(msg.stream_id, msg.body, msg.end))
 
     def _on_window(self, msg: m.Window, events: list[Event]) -> None:
-        s = self._streams.get(msg.stream_id)
-        if s is None:
-            return
-        if s.send_credit + msg.credit > m.MAX_CREDIT:
-            raise FlowControlError("window credit overflow")
-        s.send_credit += msg.credit
-        events.append(WindowUpdated(msg.stream_id, msg.credit))
+        if self._stream_table.window_update(msg.stream_id, msg.credit):
+            events.append(WindowUpdated(msg.stream_id, msg.credit))
 
     def _on_reset(self, msg: m.Reset, events: list[Event]) -> None:
-        if self._drop(msg.stream_id):
+        if self._stream_table.drop(msg.stream_id):
             events.append(StreamReset(msg.stream_id, msg.status, msg.reason))
 
     def _on_ping(self, msg: m.Ping, events: list[Event]) -> None:
@@ -577,10 +390,12 @@ class Connection:
         events.append(GoAwayReceived(msg.last_stream_id, msg.reason))
 
     def _on_close(self, msg: m.Close, events: list[Event]) -> None:
+        # The peer has stopped reading: nothing more is sent, not even the answers
+        # (PONG, WINDOW, RESET) to messages that came before its CLOSE (SPEC.md §5.5).
         self._close_received = True
-        self._state = _State.CLOSED
-        self._clear_streams()
-        self._out.clear()          # nothing is sent after the peer's CLOSE (§7.7)
+        self._enter(State.CLOSED)
+        self._stream_table.clear()
+        self._out.clear()
         events.append(ConnectionClosed(msg.status, msg.reason))
 
     _HANDLERS = {
@@ -592,7 +407,7 @@ class Connection:
     # ------------------------------------------------------------------ sending
 
     def _queue(self, msg: m.Message) -> None:
-        if self._state is _State.CLOSED:
+        if self._state is State.CLOSED:
             raise LocalProtocolError("connection is closed")
         self._out.append(self._fits(m.encode(msg)))
 
@@ -600,7 +415,7 @@ class Connection:
         # Refuse what could never be sealed now, before anything is sent: failing
         # later in _flush would leave earlier messages queued after their record
         # went out (sent twice).  The peer's limit only grows from MIN_RECORD.
-        if len(data) > self._peer_max_record - _RECORD_OVERHEAD:
+        if len(data) > self._peer_max_record - RECORD_OVERHEAD:
             raise LocalProtocolError("a message larger than the peer's record limit")
         return data
 
@@ -645,78 +460,59 @@ class Connection:
                      envelope: dict | None = None) -> int:
         """Open a stream with a request; returns its stream id."""
         self._check_sendable()
+        table = self._stream_table
         if self._goaway_received:
             raise LocalProtocolError("peer is going away: no new streams")
-        if not self.stream_slots:
+        if not table.slots:
             raise LocalProtocolError("too many open streams for the peer's limit")
-        if len(body) > self._peer_window:
+        if len(body) > table.peer_window:
             raise LocalProtocolError("request body exceeds the peer's initial window")
-        sid = self._next_id
-        data = self._checked(m.Request(sid, method.upper(), path, token, args, headers or {},
-                                       bytes(body), end, envelope))
-        self._next_id += 2
+        data = self._checked(m.Request(table.next_id, method.upper(), path, token, args,
+                                       headers or {}, bytes(body), end, envelope))
         self._out.append(data)
-        s = _Stream(sid, self._peer_window - len(body), self.settings.window)
-        s.local_open = not end
-        self._streams[sid] = s
-        return sid
-
-    def _consume_send(self, stream_id: int, size: int, end: bool) -> _Stream:
-        s = self._streams.get(stream_id)
-        if s is None or not s.local_open:
-            raise LocalProtocolError(f"stream {stream_id} is not open for sending")
-        if size > s.send_credit:
-            raise LocalProtocolError(
-                f"{size} bytes exceed the {s.send_credit} bytes of credit on stream {stream_id}")
-        if size > self.max_chunk:
-            raise LocalProtocolError(f"chunk of {size} bytes exceeds {self.max_chunk}")
-        s.send_credit -= size
-        if end:
-            s.local_open = False
-            if not s.remote_open:
-                self._drop(stream_id)
-        return s
+        return table.open_local(len(body), end)
 
     def send_response(self, stream_id: int, status: int, *, headers: dict | None = None,
                       body: bytes = b"", end: bool = True) -> None:
         self._check_sendable()
-        if not self._peer_parity(stream_id):
+        table = self._stream_table
+        if not table.is_peers(stream_id):
             raise LocalProtocolError("responses go on streams the peer opened")
-        st = self._streams.get(stream_id)
+        st = table.get(stream_id)
         if st is not None and st.head:
             raise LocalProtocolError(f"stream {stream_id} already has its response")
         data = self._checked(m.Response(stream_id, int(status), headers or {}, bytes(body),
                                         end))
-        self._consume_send(stream_id, len(body), end).head = True
+        table.consume(stream_id, len(body), end, self.max_chunk).head = True
         self._out.append(data)
 
     def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
         self._check_sendable()
-        st = self._streams.get(stream_id)
-        if st is not None and not st.head and self._peer_parity(stream_id):
+        table = self._stream_table
+        st = table.get(stream_id)
+        if st is not None and not st.head and table.is_peers(stream_id):
             raise LocalProtocolError(f"stream {stream_id}: DATA before the response")
-        self._consume_send(stream_id, len(data), end)
+        table.consume(stream_id, len(data), end, self.max_chunk)
         self._queue(m.Data(stream_id, bytes(data), end))
 
-    def acknowledge(self, stream_id: int, size: int, *, force: bool = False) -> None:
+    def acknowledge(self, stream_id: int, size: int, *, force: bool = False) -> bool:
         """The application consumed ``size`` body bytes of ``stream_id``: return credit.
 
         WINDOW messages are batched: one goes out once a quarter of the window has
-        been consumed (or at once with ``force``).
+        been consumed (or at once with ``force``).  True when one was queued now
+        (the caller may want to flush).
         """
-        s = self._streams.get(stream_id)
-        if s is None or not s.remote_open or self._state is _State.CLOSED:
-            return
-        s.unacked += size
-        if s.unacked >= self.settings.window // 4 or (force and s.unacked):
-            s.recv_credit += s.unacked
-            self._queue(m.Window(stream_id, s.unacked))
-            s.unacked = 0
+        if self._state is State.CLOSED:
+            return False
+        credit = self._stream_table.acknowledge(stream_id, size, force)
+        if credit:
+            self._queue(m.Window(stream_id, credit))
+        return bool(credit)
 
     def reset_stream(self, stream_id: int, status: int = Status.CANCELLED,
                      reason: str = "") -> None:
         """Abort a stream both ways; late bytes from the peer for it are dropped."""
-        if self._drop(stream_id) and self.can_send:
+        if self._stream_table.drop(stream_id) and self.can_send:
             self._queue(m.Reset(stream_id, int(status), reason[:m.MAX_REASON]))
 
     def send_ping(self, opaque: bytes = b"") -> None:
@@ -730,25 +526,31 @@ class Connection:
         self._check_sendable()
         if not self._goaway_sent:
             self._goaway_sent = True
-            self._queue(m.GoAway(self._last_peer_id, reason[:m.MAX_REASON]))
+            self._queue(m.GoAway(self._stream_table.last_peer_id, reason[:m.MAX_REASON]))
 
     def close(self, status: int = Status.OK, reason: str = "") -> None:
-        """Queue a CLOSE (when keys allow it) and stop; ``data_to_send`` has the last bytes."""
-        if self._state is _State.CLOSED:
+        """Queue a CLOSE (when keys allow it) and stop; ``data_to_send`` has the last bytes.
+
+        Everything queued before goes out first, in the same records when it fits
+        (SPEC.md §7.8).  During the handshake the CLOSE goes out as
+        :meth:`Handshake.close_frame <protocol.handshake.Handshake.close_frame>` says.
+        """
+        if self._state is State.CLOSED:
             return
-        msg = m.Close(int(status), reason[:m.MAX_REASON])
+        close = m.encode(m.Close(int(status), reason[:m.MAX_REASON]))
         if self._sealer is not None:
-            self._out.append(m.encode(msg))
-        elif self._hs_sealer is not None:
+            self._out.append(close)
             self._flush()
-            self._wire.append(self._hs_sealer.seal(_array_header(1) + m.encode(msg)))
-        self._flush()
-        self._state = _State.CLOSED
-        self._clear_streams()
+        elif self._handshake is not None:
+            wire = self._handshake.close_frame(close)
+            if wire is not None:
+                self._wire.append(wire)
+        self._enter(State.CLOSED)
+        self._stream_table.clear()
 
     def _fail(self, exc: ProtocolError) -> None:
         """Close after an error, telling the peer when we still can, then re-raise."""
-        if self._state is not _State.CLOSED and not self._close_received:
+        if self._state is not State.CLOSED and not self._close_received:
             code = exc.code if not isinstance(exc, AuthenticationFailed) else Status.UNAUTHORIZED
             reason = "authentication failed" if isinstance(exc, AuthenticationFailed) else str(exc)
             try:
@@ -756,31 +558,17 @@ class Connection:
             except ProtocolError:  # pragma: no cover - best effort
                 pass
         self._out.clear()
-        self._state = _State.CLOSED
-        self._clear_streams()
+        if self._state is not State.CLOSED:
+            self._enter(State.CLOSED)
+        self._stream_table.clear()
         raise exc
 
     def _flush(self) -> None:
-        """Seal queued messages into as few records as the peer's limit allows."""
-        out = self._out
-        if not out or self._sealer is None:
-            return
-        limit = self._peer_max_record - _RECORD_OVERHEAD
-        seal = self._sealer.seal
-        wire = self._wire
-        batch: list[bytes] = []
-        size = 0
-        for item in out:
-            if batch and size + len(item) > limit:
-                wire.append(seal(_array_header(len(batch)) + b"".join(batch)))
-                batch, size = [], 0
-            if len(item) > limit:
-                raise LocalProtocolError("a message larger than the peer's record limit")
-            batch.append(item)
-            size += len(item)
-        if batch:
-            wire.append(seal(_array_header(len(batch)) + b"".join(batch)))
-        out.clear()
+        """Seal queued messages into as few records as the peer's limit allows (§5.4)."""
+        if self._out and self._sealer is not None:
+            self._wire.extend(seal_batches(self._sealer, self._out,
+                                           self._peer_max_record - RECORD_OVERHEAD))
+            self._out.clear()
 
     def data_to_send(self) -> bytes:
         """Everything to write now, coalesced; empty when there is nothing."""

@@ -33,6 +33,9 @@ class FrameBuffer:
     """Accumulates received bytes and yields complete frames.
 
     ``next_frame()`` returns ``(header, payload)`` or ``None`` for "need more data".
+    ``max_size`` may change between frames: the connection lowers it to
+    :data:`~protocol.handshake.MAX_HANDSHAKE_FRAME` while it waits for a
+    handshake message.
     """
 
     __slots__ = ("_buf", "_pos", "max_size")
@@ -45,7 +48,24 @@ class FrameBuffer:
         self.max_size = max_size
 
     def feed(self, data: bytes) -> None:
+        """Append received bytes.
+
+        When ``data`` completes the length prefix of the frame at the head, that
+        length is checked before ``data`` is kept: a peer announcing an oversized
+        frame is refused on its four header bytes, not after we have buffered what
+        followed them (SPEC.md §2).
+        """
+        have = len(self._buf) - self._pos
+        if have < 4 <= have + len(data):
+            head = bytes(self._buf[self._pos:]) + bytes(data[:4 - have])
+            self._check(HEADER.unpack(head)[0])
         self._buf += data
+
+    def _check(self, length: int) -> None:
+        if length == 0:
+            raise FrameError("zero-length frame", code=400)
+        if length > self.max_size:
+            raise FrameError(f"frame of {length} bytes exceeds the maximum of {self.max_size}")
 
     def __len__(self) -> int:
         return len(self._buf) - self._pos
@@ -55,11 +75,7 @@ class FrameBuffer:
         if len(buf) - pos < 4:
             return None
         (length,) = HEADER.unpack_from(buf, pos)
-        # Checked before waiting for (or allocating) the payload: SPEC.md §2.
-        if length == 0:
-            raise FrameError("zero-length frame", code=400)
-        if length > self.max_size:
-            raise FrameError(f"frame of {length} bytes exceeds the maximum of {self.max_size}")
+        self._check(length)     # before waiting for (or allocating) the payload: SPEC.md §2
         end = pos + 4 + length
         if len(buf) < end:
             return None

@@ -112,7 +112,7 @@ def plaintext_of(*msgs) -> bytes:
 
 def seal_raw(conn: Connection, plaintext: bytes) -> bytes:
     """Seal ``plaintext`` as ``conn``'s next application record (a test back door)."""
-    sealer = conn._sealer if conn._sealer is not None else conn._hs_sealer
+    sealer = conn._sealer if conn._sealer is not None else conn._handshake.sealer
     assert sealer is not None, "connection has no keys yet"
     return sealer.seal(plaintext)
 
@@ -288,9 +288,9 @@ class Pair:
         # The connection takes no X25519 backend option: swap the key pair for one
         # made by the wanted backend (same secret, so deterministic runs stay so).
         if b.client_ephemeral is not None:
-            self.client._ephemeral = Ephemeral(secrets[0], backend=b.client_ephemeral)
+            self.client._handshake.ephemeral = Ephemeral(secrets[0], backend=b.client_ephemeral)
         if b.server_ephemeral is not None:
-            self.server._ephemeral = Ephemeral(secrets[1], backend=b.server_ephemeral)
+            self.server._handshake.ephemeral = Ephemeral(secrets[1], backend=b.server_ephemeral)
         self.users = {user: self.user_key.public} if users is None else users
         if initiate:
             self.server.initiate(now)

@@ -281,7 +281,7 @@ def test_the_backend_matrix_is_really_in_use(make_pair, backends):
     pair = make_pair()
     for role in ("client", "server"):
         wanted_x = getattr(backends, f"{role}_ephemeral")
-        ephemeral = getattr(pair, role)._ephemeral
+        ephemeral = getattr(pair, role)._handshake.ephemeral
         assert (ephemeral._fast is not None) == (wanted_x == "cryptography")
     pair.handshake()
     for role in ("client", "server"):
@@ -319,5 +319,4 @@ def test_ephemeral_secrets_are_dropped_once_established(make_pair):
     pair = make_pair()
     pair.handshake()
     for conn in (pair.client, pair.server):
-        assert conn._ephemeral is None and conn._shared is None
-        assert conn._hs_sealer is None
+        assert conn._handshake is None      # with it the ephemeral and shared secrets

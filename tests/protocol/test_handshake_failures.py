@@ -15,7 +15,7 @@ from protocol import (AuthenticationFailed, AuthenticationRequested, Connection,
                       DecodeError)
 from protocol import messages as m
 from protocol.connection import MIN_RECORD, MIN_STREAMS, MIN_WINDOW, PROTOCOL_VERSION
-from protocol.frame import pack, unpack
+from protocol.frame import HEADER, pack, unpack
 
 from protocol_helpers import (LOW_ORDER_X25519, Backends, Pair, drive_to_end, flip, key,
                               plain_frame, reseal, shuttle, to_maps, unseal)
@@ -33,6 +33,15 @@ def _server_hello(**changes) -> bytes:
     fields = dict(version=PROTOCOL_VERSION, ephemeral=bytes(range(1, 33)), **HELLO_DEFAULTS)
     fields.update(changes)
     return plain_frame(m.ServerHello(**fields))
+
+
+def _clear_close(data: bytes) -> m.Close:
+    """The one clear CLOSE frame a node sends before any key exists (SPEC.md §4.8)."""
+    (length,) = HEADER.unpack_from(data)
+    assert len(data) == 4 + length, "exactly one frame"
+    msg = m.decode(unpack(data[4:]))
+    assert isinstance(msg, m.Close), msg
+    return msg
 
 
 def _assert_failed_cleanly(pair: Pair, run) -> None:
@@ -228,7 +237,7 @@ def test_server_signature_from_another_session_is_refused():
 
     def grab(d, i, f):
         if (d, i) == ("s2c", 1):
-            old_plain["auth"] = unseal(old_pair.server._hs_sealer.key, f)
+            old_plain["auth"] = unseal(old_pair.server._handshake.sealer.key, f)
         return f
 
     old_pair.shuttle(tamper=grab)
@@ -236,7 +245,7 @@ def test_server_signature_from_another_session_is_refused():
 
     def swap(d, i, f):
         if (d, i) == ("s2c", 1):
-            return reseal(pair.server._hs_sealer.key, old_plain["auth"])
+            return reseal(pair.server._handshake.sealer.key, old_plain["auth"])
         return f
 
     run = pair.shuttle(tamper=swap, catch=True)
@@ -255,7 +264,7 @@ def _forge(direction, index, plaintext_of_pair):
             if (d, i) != (direction, index):
                 return f
             sender = pair.client if direction == "c2s" else pair.server
-            return reseal(sender._hs_sealer.key, plaintext_of_pair(pair))
+            return reseal(sender._handshake.sealer.key, plaintext_of_pair(pair))
         return tamper
 
     return build
@@ -341,7 +350,7 @@ def test_malformed_server_finished_record(case):
 
     def tamper(d, i, f):
         if (d, i) == ("s2c", 1):      # the node drops its handshake keys once finished
-            hs_key["s"] = pair.server._hs_sealer.key
+            hs_key["s"] = pair.server._handshake.sealer.key
         if (d, i) == ("s2c", 2):      # ServerFinished is the node's second handshake record
             return reseal(hs_key["s"], plain, counter=1)
         return f
@@ -360,7 +369,8 @@ def test_low_order_ephemeral_in_client_hello(point, x25519):
     with pytest.raises(RemoteProtocolError, match="small order"):
         server.receive_data(_client_hello(ephemeral=point))
     assert server.closed
-    assert server.data_to_send() == b""         # no keys: nothing can be said
+    # no keys yet: the node says why in a clear CLOSE 400, like any refused hello (§4.8)
+    assert _clear_close(server.data_to_send()) == m.Close(400, "ephemeral key of small order")
 
 
 @pytest.mark.parametrize("point", LOW_ORDER_X25519, ids=lambda p: p.hex()[:6] + p.hex()[-2:])
