@@ -23,6 +23,7 @@ from protocol.errors import (BadRequest, Forbidden, MethodNotAllowed, NotFound, 
                              StatusError, TooLarge, Unauthorized, Unavailable)
 
 from . import __version__, auth
+from . import status as status_file
 from .config import NodeConfig
 from .dispatch import BUILTIN_PREFIX, Dispatcher, ResponseWriter
 from .keys import ensure_node_keys, write_atomic
@@ -123,16 +124,16 @@ class Node:
 
     async def _write_status_loop(self) -> None:
         """``data/status.json`` every second: what ``utesla-cli status`` and
-        ``show_networks``/``show_services`` print on this machine (no secrets)."""
-        path = self.config.data_dir / "status.json"
+        ``show_networks``/``show_services`` print on this machine (no secrets).
+        The file's format belongs to :mod:`utesla_node.status`."""
+        data_dir = self.config.data_dir
         while True:
             try:
-                data = json.dumps({"updated": time.time(), "pid": os.getpid(),
-                                   **self.builtins.node_status()})
+                payload = status_file.encode_status(self.builtins.node_status())
                 await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: write_atomic(path, data.encode(), 0o644, durable=False))
+                    None, status_file.write_status, data_dir, payload)
             except OSError as exc:  # pragma: no cover
-                log.debug("cannot write %s: %s", path, exc)
+                log.debug("cannot write the status file in %s: %s", data_dir, exc)
             await asyncio.sleep(1.0)
 
     def install_signal_handlers(self) -> None:
@@ -206,10 +207,7 @@ class Node:
                 pass
         if self.storage is not None:
             await self.storage.close()
-        try:
-            (self.config.data_dir / "status.json").unlink()
-        except OSError:
-            pass
+        status_file.remove_status(self.config.data_dir)
         self._stopped.set()
         log.info("stopped")
 
