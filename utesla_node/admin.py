@@ -290,8 +290,9 @@ class Admin:
         return storage
 
     def require_database(self) -> None:
-        """Raise :class:`NoDatabase` now, before slow work (a peer check) would be wasted."""
-        if self._storage is None:
+        """Raise :class:`NoDatabase` now, before slow work (a peer check) would be wasted.
+        Creates nothing (with ``create``, the database is made when first opened)."""
+        if self._storage is None and not self.create:
             self._make_storage()
 
     async def storage(self) -> Storage:

@@ -25,7 +25,7 @@ import click
 from protocol.crypto import RSA_DEFAULT_BITS, PrivateKey
 
 from .. import __version__
-from ..admin import (Admin, NetworkRow, NoDatabase, NodeNotRunning, is_node_folder,
+from ..admin import (Admin, NetworkRow, NoDatabase, NodeNotRunning, is_node_folder, peer_url,
                      remote_status)
 from ..keys import load_private_key, load_public_key, write_key_pair
 from .common import (Progress, alias, config_option, fail, load_cfg, load_key_pair,
@@ -461,6 +461,7 @@ def add_network(url, server_key, public_key, private_key, user, token, priority,
     with --wait the command returns once it has (scripts then need no sleep),
     and fails at once, storing nothing, when no node is running.
     """
+    url = peer_url(url)
     priv = load_key_pair(public_key, private_key)
     peer_key = load_public_key(server_key)
     admin = _admin(config_path, f"add network {url}", create)
