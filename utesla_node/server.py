@@ -167,13 +167,14 @@ class Node:
         """``data/status.json`` every second: what ``utesla-cli status`` and
         ``show_networks``/``show_services`` print on this machine (no secrets)."""
         loop = asyncio.get_running_loop()
+        data_dir = self.config.data_dir
         while True:
-            snapshot = self.status_snapshot()
             try:
-                await loop.run_in_executor(None, status_file.write_status,
-                                           self.config.data_dir, snapshot)
+                # Encoded here (the snapshot shares live state); written off the loop.
+                payload = status_file.encode_status(self.status_snapshot())
+                await loop.run_in_executor(None, status_file.write_status, data_dir, payload)
             except OSError as exc:  # pragma: no cover
-                log.debug("cannot write the status file: %s", exc)
+                log.debug("cannot write the status file in %s: %s", data_dir, exc)
             await asyncio.sleep(1.0)
 
     def install_signal_handlers(self) -> None:

@@ -677,7 +677,7 @@ class Session(asyncio.Protocol):
         while we produce the rest, instead of the two sides taking turns (measured:
         about twice the throughput with 64 requests in flight).
         """
-        if len(self.conn._out) >= self.FLUSH_BATCH:
+        if self.conn.queued_messages >= self.FLUSH_BATCH:
             self.flush()
         elif self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush_soon)
@@ -717,11 +717,8 @@ class Session(asyncio.Protocol):
                 raise self.close_reason or ConnectionLost("connection closed")
 
     def acknowledge(self, stream_id: int, size: int) -> None:
-        if not self.conn.closed:
-            before = len(self.conn._out)
-            self.conn.acknowledge(stream_id, size)
-            if len(self.conn._out) != before:
-                self.schedule_flush()
+        if not self.conn.closed and self.conn.acknowledge(stream_id, size):
+            self.schedule_flush()         # a WINDOW was queued
 
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)

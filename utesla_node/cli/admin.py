@@ -4,14 +4,19 @@ Every command of the original description works as written there (with
 ``./UTeslaCLI`` replaced by ``utesla-cli``), including its spellings
 (``generate_keys -bit_size 3072 -out-public-key F``); the dashed spellings work
 too.  Commands that touch a node's database find it through ``--config``, else
-``./node.ini``, else the defaults.  Exit status: 0 success, 1 error (one line on
-stderr), 2 usage.
+``./node.ini``, else the defaults.  A missing SQLite database is an error (a command run
+in the wrong folder says so instead of writing where the node never looks), except for
+``add`` and ``add_network`` in a node's folder, before the node's first start, or with
+``--create``.  Exit status: 0 success, 1 error (one line on stderr), 2 usage.
+
+A thin shell: each command parses its arguments, calls :mod:`utesla_node.admin`
+(or the client) and prints.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,11 +25,11 @@ import click
 from protocol.crypto import RSA_DEFAULT_BITS, PrivateKey
 
 from .. import __version__
-from ..auth import hash_password, validate_scopes
+from ..admin import (Admin, NetworkRow, NoDatabase, NodeNotRunning, is_node_folder, peer_url,
+                     remote_status)
 from ..keys import load_private_key, load_public_key, write_key_pair
-from ..storage import NoSuchEntry, User, open_storage
-from .common import (Progress, alias, config_option, fail, load_cfg, read_password, run_async,
-                     user_errors)
+from .common import (Progress, alias, config_option, fail, load_cfg, load_key_pair,
+                     read_password, read_secret, run_async, user_errors)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -39,14 +44,43 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-async def _with_storage(config_path, fn):
+def _admin(config_path, action: str, create: bool | None = None) -> Admin:
+    """The :class:`Admin` of the configuration's node.  A missing database is reported now,
+    saying what could not be done (``action``) and how to point at the node, before any
+    prompt or network check that would be wasted.
+
+    ``create`` is the --create flag of the commands that may make the database (``add``,
+    ``add_network``; None for the others).  Those make it without the flag too where the
+    configuration plainly belongs to a node (:func:`~utesla_node.admin.is_node_folder`):
+    its admin may register users before the node's first start.
+    """
     cfg = load_cfg(config_path)
-    storage = open_storage(cfg.database_url or None, cfg.data_dir)
-    await storage.open()
+    admin = Admin(cfg, create=create is not None and (create or is_node_folder(cfg)))
     try:
-        return await fn(storage, cfg)
-    finally:
-        await storage.close()
+        admin.require_database()
+    except NoDatabase as exc:
+        if create is None:
+            how = "utesla-node creates its database on first start"
+        else:
+            how = (f"{cfg.base_dir} has no node.ini, {cfg.services} folder or "
+                   f"{cfg.keys}/key.priv; --create makes a new database anyway")
+        fail(f"cannot {action}: {exc}: run utesla-cli in the node's folder or pass "
+             f"-c node.ini ({how})")
+    return admin
+
+
+def _run(admin: Admin, fn):
+    """``await fn(admin)``, then close the admin's database."""
+    async def go():
+        async with admin:
+            return await fn(admin)
+    return run_async(go())
+
+
+create_option = click.option(
+    "--create", is_flag=True,
+    help="Make a new SQLite database even outside a node's folder (one with node.ini, "
+         "complements/ or keys/key.priv); without it a missing database there is an error.")
 
 
 # --------------------------------------------------------------------------- keys
@@ -116,24 +150,17 @@ def fingerprint(key_file):
 @click.option("--scope", "scopes", multiple=True,
               help="Service glob the user may reach (repeatable; default all).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing user (revokes its tokens).")
+@create_option
 @config_option
 @user_errors
-def add(user, password, public_key, token_limit, guest, scopes, overwrite, config_path):
+def add(user, password, public_key, token_limit, guest, scopes, overwrite, create, config_path):
     """Register a user with a password and a public key."""
     key = load_public_key(public_key)
     password = read_password(password, confirm=True)
-    if not password:
-        fail("the password must not be empty")
-    scopes = validate_scopes(scopes) if scopes else ("*",)
-
-    async def go(storage, cfg):
-        record = User(name=user, password_hash=await hash_password(password),
-                      public_key=key.to_pem(), token_limit=token_limit, guest=guest,
-                      scopes=scopes, created_at=time.time())
-        await storage.add_user(record, overwrite=overwrite)
-
-    run_async(_with_storage(config_path, go))
-    click.echo(f"user {user} added ({key.kind} key {key.fingerprint()})")
+    admin = _admin(config_path, f"add user {user!r}", create)
+    info = _run(admin, lambda a: a.add_user(user, password, key, token_limit=token_limit,
+                                             guest=guest, scopes=scopes, overwrite=overwrite))
+    click.echo(f"user {info.name} added ({key.kind} key {info.fingerprint})")
 
 
 @main.command("del", context_settings=CONTEXT)
@@ -142,11 +169,7 @@ def add(user, password, public_key, token_limit, guest, scopes, overwrite, confi
 @user_errors
 def delete(user, config_path):
     """Remove a user and all its tokens."""
-    async def go(storage, cfg):
-        return await storage.delete_user(user)
-
-    if not run_async(_with_storage(config_path, go)):
-        fail(f"no user {user!r}")
+    _run(_admin(config_path, f"remove user {user!r}"), lambda a: a.delete_user(user))
     click.echo(f"user {user} removed")
 
 
@@ -159,30 +182,18 @@ alias(main, delete, "delete")
 @user_errors
 def show(user, config_path):
     """List users (no secrets are shown)."""
-    from protocol.crypto import PublicKey
+    async def go(admin):
+        return [await admin.user(user)] if user else await admin.users()
 
-    async def go(storage, cfg):
-        if user:
-            u = await storage.get_user(user)
-            if u is None:
-                fail(f"no user {user!r}")
-            return [u]
-        return await storage.list_users()
-
-    users = run_async(_with_storage(config_path, go))
+    users = _run(_admin(config_path, "list users"), go)
     if not users:
         click.echo("no users")
         return
     click.echo(f"{'USER':<20} {'KEY':<10} {'FINGERPRINT':<52} {'TOKENS':>6} {'GUEST':<5} CREATED")
     for u in users:
-        try:
-            k = PublicKey.from_bytes(u.public_key)
-            kind, fp = (k.kind if k.kind == "ed25519" else f"rsa{k.bits}"), k.fingerprint()
-        except Exception:
-            kind, fp = "?", "(unusable key)"
         limit = "∞" if u.token_limit == 0 else str(u.token_limit)
-        click.echo(f"{u.name:<20} {kind:<10} {fp:<52} {limit:>6} {'yes' if u.guest else 'no':<5} "
-                   f"{_when(u.created_at)}")
+        click.echo(f"{u.name:<20} {u.key_kind:<10} {u.fingerprint:<52} {limit:>6} "
+                   f"{'yes' if u.guest else 'no':<5} {_when(u.created_at)}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -194,16 +205,8 @@ def show(user, config_path):
 def passwd(user, password, config_path):
     """Change a user's password (revokes all its tokens)."""
     password = read_password(password, "New password", confirm=True)
-    if not password:
-        fail("the password must not be empty")
-
-    async def go(storage, cfg):
-        await storage.set_password(user, await hash_password(password))
-
-    try:
-        run_async(_with_storage(config_path, go))
-    except NoSuchEntry:
-        fail(f"no user {user!r}")
+    admin = _admin(config_path, f"change the password of {user!r}")
+    _run(admin, lambda a: a.set_password(user, password))
     click.echo(f"password of {user} changed; its tokens are revoked")
 
 
@@ -218,18 +221,46 @@ alias(main, passwd, "change_passwd")
 def set_key(user, public_key, config_path):
     """Rotate a user's public key (revokes all its tokens)."""
     key = load_public_key(public_key)
-
-    async def go(storage, cfg):
-        await storage.set_public_key(user, key.to_pem())
-
-    try:
-        run_async(_with_storage(config_path, go))
-    except NoSuchEntry:
-        fail(f"no user {user!r}")
+    _run(_admin(config_path, f"set the key of {user!r}"), lambda a: a.set_public_key(user, key))
     click.echo(f"key of {user} set to {key.fingerprint()}; its tokens are revoked")
 
 
 alias(main, set_key, "set_key")
+
+
+@main.command("change_services", context_settings=CONTEXT)
+@click.option("-u", "--user", required=True)
+@click.option("--scope", "scopes", multiple=True,
+              help="Service glob the user may reach (repeatable; none: all services).")
+@click.option("--guest/--no-guest", default=None,
+              help="Make the user a guest (only its --scope services) or an ordinary user.")
+@config_option
+@user_errors
+def change_services(user, scopes, guest, config_path):
+    """Set the services a user may reach (revokes all its tokens)."""
+    info = _run(_admin(config_path, f"change the services of {user!r}"),
+                lambda a: a.set_scopes(user, scopes, guest=guest))
+    kind = "guest" if info.guest else "user"
+    click.echo(f"{kind} {user} may reach {', '.join(info.scopes)}; its tokens are revoked")
+
+
+alias(main, change_services, "change-services")
+
+
+@main.command("set-token-limit", context_settings=CONTEXT)
+@click.option("-u", "--user", required=True)
+@click.argument("limit", type=click.IntRange(0, 1_000_000))
+@config_option
+@user_errors
+def set_token_limit(user, limit, config_path):
+    """Set how many live tokens a user may hold, 0 = unlimited (revokes all its tokens)."""
+    _run(_admin(config_path, f"set the token limit of {user!r}"),
+         lambda a: a.set_token_limit(user, limit))
+    shown = "unlimited" if limit == 0 else str(limit)
+    click.echo(f"token limit of {user} set to {shown}; its tokens are revoked")
+
+
+alias(main, set_token_limit, "set_token_limit")
 
 
 @main.command(context_settings=CONTEXT)
@@ -238,18 +269,13 @@ alias(main, set_key, "set_key")
 @user_errors
 def tokens(user, config_path):
     """List a user's tokens (by id: the first hex digits of their hash; never the token)."""
-    async def go(storage, cfg):
-        return await storage.list_tokens(user)
-
-    items = run_async(_with_storage(config_path, go))
+    items = _run(_admin(config_path, f"list the tokens of {user!r}"), lambda a: a.tokens(user))
     if not items:
         click.echo(f"no tokens for {user}")
         return
-    now = time.time()
     click.echo(f"{'ID':<14} {'STATE':<8} {'CREATED':<21} {'EXPIRES':<21} SCOPES")
     for t in items:
-        state = "revoked" if t.revoked else ("expired" if t.expires_at <= now else "live")
-        click.echo(f"{t.token_hash.hex()[:12]:<14} {state:<8} {_when(t.created_at):<21} "
+        click.echo(f"{t.id:<14} {t.state:<8} {_when(t.created_at):<21} "
                    f"{_when(t.expires_at):<21} {','.join(t.scopes)}")
 
 
@@ -264,17 +290,29 @@ def revoke(user, token_id, revoke_all, config_path):
     if bool(token_id) == bool(revoke_all):
         fail("give exactly one of --id or --all")
 
-    async def go(storage, cfg):
+    async def go(admin):
         if revoke_all:
-            return await storage.revoke_user_tokens(user)
-        matches = [t for t in await storage.list_tokens(user)
-                   if t.token_hash.hex().startswith(token_id.lower())]
-        if len(matches) != 1:
-            fail(f"{'no' if not matches else 'more than one'} token of {user} matches {token_id!r}")
-        return int(await storage.revoke_token(matches[0].token_hash))
+            return await admin.revoke_all(user)
+        await admin.revoke_token(user, token_id)
+        return 1
 
-    n = run_async(_with_storage(config_path, go))
+    n = _run(_admin(config_path, f"revoke tokens of {user!r}"), go)
     click.echo(f"{n} token(s) of {user} revoked")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("user")
+@click.option("--id", "token_id", required=True, help="Token id (prefix shown by `tokens`).")
+@click.option("--expire", type=click.FloatRange(min=1.0), default=None,
+              help="Lifetime in seconds from now (default: the one it was issued with; "
+                   "never beyond [crypt limits] token_expire).")
+@config_option
+@user_errors
+def renew(user, token_id, expire, config_path):
+    """Make a user's token valid again from now (also an expired one; not a revoked one)."""
+    t = _run(_admin(config_path, f"renew a token of {user!r}"),
+             lambda a: a.renew_token(user, token_id, expire))
+    click.echo(f"token {t.id} of {user} renewed, valid until {_when(t.expires_at)}")
 
 
 # --------------------------------------------------------------------------- talking to a node
@@ -300,9 +338,7 @@ def _client(url, user, private_key, node_key, token=None, timeout=30.0):
 @user_errors
 def generate_token(url, user, password, server_key, public_key, private_key, scopes, expire):
     """Get an access token from a node (prints it)."""
-    priv = load_private_key(private_key)
-    if load_public_key(public_key) != priv.public:
-        fail(f"{public_key} is not the public half of {private_key}")
+    priv = load_key_pair(public_key, private_key)
     password = read_password(password)
 
     async def go():
@@ -395,22 +431,6 @@ async def _counted(fh, progress):
 
 # --------------------------------------------------------------------------- networks
 
-def _read_status(cfg) -> dict:
-    """The running node's ``data/status.json`` ({} when the node is not running)."""
-    import json
-    try:
-        state = json.loads((cfg.data_dir / "status.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    if not isinstance(state, dict) or time.time() - state.get("updated", 0) > 5:
-        return {}          # written by a node that is no longer running
-    return state
-
-
-def _read_state(cfg) -> dict:
-    return _read_status(cfg).get("network", {})
-
-
 @main.command("add_network", context_settings=CONTEXT)
 @click.argument("url")
 @click.option("-s", "--server-key", "server_key", required=True, type=click.Path(dir_okay=False),
@@ -429,64 +449,36 @@ def _read_state(cfg) -> dict:
               help="Return only once the running node has the link up and the peer's table.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
               help="Seconds --wait waits before failing.")
+@create_option
 @config_option
 @user_errors
 def add_network(url, server_key, public_key, private_key, user, token, priority, overwrite,
-                wait, wait_timeout, config_path):
+                wait, wait_timeout, create, config_path):
     """Link this node to a peer: its services become reachable through this node.
 
     The peer must answer, prove its key, and accept our account and token
     before anything is stored.  A running node picks the link up within 2 s;
-    with --wait the command returns once it has (scripts then need no sleep).
+    with --wait the command returns once it has (scripts then need no sleep),
+    and fails at once, storing nothing, when no node is running.
     """
-    from ..client import Client, parse_url
-    from ..storage import Peer
-    host, port, _ = parse_url(url)
-    url = f"utesla://{host}:{port}"
-    priv = load_private_key(private_key)
-    if load_public_key(public_key) != priv.public:
-        fail(f"{public_key} is not the public half of {private_key}")
+    url = peer_url(url)
+    priv = load_key_pair(public_key, private_key)
     peer_key = load_public_key(server_key)
-    if token == "-":
-        token = sys.stdin.readline().strip()
-    elif token is None:
-        token = read_password(None, "Token at the peer")
-
-    async def go(storage, cfg):
-        async with Client(url, user=user, private_key=priv, node_key=peer_key, token=token,
-                          timeout=15.0) as c:
-            await c.get("/_node/net/status")      # proves the token is accepted
-        added = time.time()
-        await storage.add_peer(Peer(url=url, public_key=peer_key.to_pem(), user=user,
-                                    token=token, priority=priority, created_at=added),
-                               overwrite=overwrite)
-        return added
-
-    added = run_async(_with_storage(config_path, go))
-    click.echo(f"network {url} added (peer key {peer_key.fingerprint()}, as {user})")
+    admin = _admin(config_path, f"add network {url}", create)
     if wait:
-        _wait_for_link(load_cfg(config_path), url, added, wait_timeout)
+        admin.node_status()             # no running node: the link would never come up
+    token = read_secret(token, "Token at the peer")
 
+    async def go(admin):
+        peer = await admin.add_peer(url, node_key=priv, peer_key=peer_key, user=user,
+                                    token=token, priority=priority, overwrite=overwrite)
+        click.echo(f"network {peer.url} added (peer key {peer.key}, as {user})")
+        if wait:
+            await admin.close()         # the database is not needed while waiting
+            link = await admin.wait_for_link(peer, wait_timeout)
+            click.echo(f"link to {peer.url} is up; {link.routes} route(s) learned")
 
-def _wait_for_link(cfg, url: str, added: float, timeout: float) -> None:
-    """Poll the running node's status.json until the link to ``url`` made from the entry
-    stored at ``added`` (not an older one it replaces) is up and has the peer's table."""
-    deadline = time.monotonic() + timeout
-    link: dict = {}
-    while True:
-        status = _read_status(cfg)
-        if not status:
-            click.echo("no running node here: the link starts with the node", err=True)
-            return
-        link = next((l for l in status.get("network", {}).get("links", [])
-                     if l.get("url") == url and l.get("added") == added), {})
-        if link.get("state") == "up" and link.get("synced"):
-            click.echo(f"link to {url} is up; {link.get('routes', 0)} route(s) learned")
-            return
-        if time.monotonic() >= deadline:
-            why = link.get("last_error") or f"state {link.get('state', 'not started')}"
-            fail(f"link to {url} not up after {timeout:g} s ({why})")
-        time.sleep(0.1)
+    _run(admin, go)
 
 
 alias(main, add_network, "add-network")
@@ -498,14 +490,7 @@ alias(main, add_network, "add-network")
 @user_errors
 def del_network(url, config_path):
     """Remove a peer link (a running node drops it within 2 s)."""
-    from ..client import parse_url
-    host, port, _ = parse_url(url)
-
-    async def go(storage, cfg):
-        return await storage.delete_peer(f"utesla://{host}:{port}")
-
-    if not run_async(_with_storage(config_path, go)):
-        fail(f"no network {url}")
+    _run(_admin(config_path, f"remove network {url}"), lambda a: a.delete_peer(url))
     click.echo(f"network {url} removed")
 
 
@@ -519,14 +504,8 @@ alias(main, del_network, "del-network")
 @user_errors
 def set_priority(url, priority, config_path):
     """Set a peer's priority (lower is preferred among equally short routes)."""
-    from ..client import parse_url
-    host, port, _ = parse_url(url)
-
-    async def go(storage, cfg):
-        return await storage.set_peer_priority(f"utesla://{host}:{port}", priority)
-
-    if not run_async(_with_storage(config_path, go)):
-        fail(f"no network {url}")
+    _run(_admin(config_path, f"set the priority of {url}"),
+         lambda a: a.set_priority(url, priority))
     click.echo(f"priority of {url} set to {priority}")
 
 
@@ -538,42 +517,26 @@ alias(main, set_priority, "set-priority")
 @config_option
 @user_errors
 def show_networks(as_json, config_path):
-    """List peers with their link state (tokens are never shown)."""
-    import json
-    from protocol.crypto import PublicKey
-
-    async def go(storage, cfg):
-        return await storage.list_peers(), _read_state(cfg)
-
-    peers, state = run_async(_with_storage(config_path, go))
-    links = {l["url"]: l for l in state.get("links", [])}
-    rows = []
-    for p in peers:
-        l = links.get(p.url, {})
-        rows.append({"url": p.url, "user": p.user, "priority": p.priority,
-                     "key": PublicKey.from_bytes(p.public_key).fingerprint(),
-                     "state": l.get("state", "unknown (node not running?)"),
-                     "rtt_ms": l.get("rtt_ms"), "routes": l.get("routes"),
-                     "last_error": l.get("last_error", ""),
-                     "token_expires_at": l.get("token_expires_at"),
-                     "renew_error": l.get("renew_error", "")})
+    """List peers with the running node's link states (tokens are never shown)."""
+    rows: list[NetworkRow] = _run(_admin(config_path, "list networks"), lambda a: a.networks())
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
         return
     if not rows:
         click.echo("no networks")
         return
     click.echo(f"{'URL':<28} {'USER':<12} {'PRI':>3} {'STATE':<11} {'RTT ms':>7} {'ROUTES':>6}  KEY")
     for r in rows:
-        rtt = f"{r['rtt_ms']:.2f}" if r["rtt_ms"] is not None else "-"
-        click.echo(f"{r['url']:<28} {r['user']:<12} {r['priority']:>3} {r['state']:<11} "
-                   f"{rtt:>7} {str(r['routes'] if r['routes'] is not None else '-'):>6}  {r['key']}")
-        if r["last_error"] and r["state"] != "up":
-            click.echo(f"    last error: {r['last_error']}")
-        if r["renew_error"]:
-            click.echo(f"    token renewal failed: {r['renew_error']}")
-        elif r["token_expires_at"]:
-            when = datetime.fromtimestamp(r["token_expires_at"], timezone.utc)
+        rtt = f"{r.rtt_ms:.2f}" if r.rtt_ms is not None else "-"
+        routes = str(r.routes if r.routes is not None else "-")
+        click.echo(f"{r.url:<28} {r.user:<12} {r.priority:>3} {r.state:<11} "
+                   f"{rtt:>7} {routes:>6}  {r.key}")
+        if r.last_error and r.state != "up":
+            click.echo(f"    last error: {r.last_error}")
+        if r.renew_error:
+            click.echo(f"    token renewal failed: {r.renew_error}")
+        elif r.token_expires_at:
+            when = datetime.fromtimestamp(r.token_expires_at, timezone.utc)
             click.echo(f"    token renewed, valid until {when:%Y-%m-%d %H:%M} UTC")
 
 
@@ -585,24 +548,14 @@ alias(main, show_networks, "show-networks")
 @config_option
 @user_errors
 def show_services(as_json, config_path):
-    """List local and learned services: origin, next hop, hops, replicas."""
-    import json
-    from ..services import ServiceRegistry
-    cfg = load_cfg(config_path)
-    state = _read_state(cfg)
-    local = state.get("local")
-    if local is None:
-        local = ServiceRegistry.load(cfg.services_dir).names()
-    rows = [{"path": "/" + s, "origin": "local", "next_hop": "-", "hops": 0, "replicas": 1}
-            for s in local]
-    rows += state.get("routes", [])
+    """List the running node's local and learned services: origin, next hop, hops, replicas."""
+    rows = Admin(load_cfg(config_path)).services()
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
         return
     click.echo(f"{'SERVICE':<28} {'HOPS':>4} {'REPLICAS':>8}  {'NEXT HOP':<28} ORIGIN")
     for r in rows:
-        click.echo(f"{r['path']:<28} {r['hops']:>4} {r['replicas']:>8}  {r['next_hop']:<28} "
-                   f"{r['origin']}")
+        click.echo(f"{r.path:<28} {r.hops:>4} {r.replicas:>8}  {r.next_hop:<28} {r.origin}")
 
 
 alias(main, show_services, "show-services")
@@ -610,24 +563,17 @@ alias(main, show_services, "show-services")
 
 # --------------------------------------------------------------------------- status and graph
 
-def _remote_status(url, user, private_key, server_key, token) -> dict:
-    if not (user and private_key and server_key):
-        fail("querying a node by URL needs -u, -I and -s (and -t TOKEN)")
-
-    async def go():
-        async with _client(url, user, private_key, server_key, token, 15.0) as c:
-            return (await c.get("/_node/status")).json()
-
-    return run_async(go())
-
-
 def _status_for(url, user, private_key, server_key, token, config_path) -> dict:
+    """The node at ``url`` (as a user), else the one running with this configuration."""
     if url:
-        return _remote_status(url, user, private_key, server_key, token)
-    state = _read_status(load_cfg(config_path))
-    if not state:
-        fail("no running node found here (no fresh data/status.json); give its URL")
-    return state
+        if not (user and private_key and server_key):
+            fail("querying a node by URL needs -u, -I and -s (and -t TOKEN)")
+        return run_async(remote_status(url, user=user, private_key=private_key,
+                                       node_key=server_key, token=token))
+    try:
+        return Admin(load_cfg(config_path)).node_status()
+    except NodeNotRunning as exc:
+        fail(f"{exc}; start utesla-node, pass -c node.ini, or give the node's URL")
 
 
 _remote_options = [
@@ -654,7 +600,6 @@ def _with_remote(fn):
 @user_errors
 def status(url, as_json, user, private_key, server_key, token, config_path):
     """A node's identity, uptime, traffic, links and routes (this machine's node by default)."""
-    import json
     st = _status_for(url, user, private_key, server_key, token, config_path)
     if as_json:
         click.echo(json.dumps(st, indent=2))

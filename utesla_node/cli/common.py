@@ -10,15 +10,17 @@ import click
 
 from protocol.errors import ProtocolError, StatusError
 
+from ..admin import AdminError
 from ..config import ConfigError, NodeConfig, find_config, load_config
-from ..keys import KeyFileError
+from ..keys import KeyFileError, load_private_key, load_public_key
+from ..status import NodeNotRunning
 from ..storage import StorageError
 
 __all__ = ["run_async", "fail", "user_errors", "config_option", "load_cfg", "read_password",
-           "setup_logging", "alias"]
+           "read_secret", "load_key_pair", "setup_logging", "alias"]
 
 EXPECTED = (ConfigError, KeyFileError, StorageError, StatusError, ProtocolError, ValueError,
-            OSError)
+            OSError, AdminError, NodeNotRunning)
 
 
 def run_async(coro):
@@ -55,6 +57,8 @@ def user_errors(fn):
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, NodeNotRunning):
+        return f"{exc}; start utesla-node or pass -c node.ini"
     if isinstance(exc, StatusError):
         return f"{exc} (status {exc.status})"
     if isinstance(exc, OSError) and exc.strerror:
@@ -83,6 +87,23 @@ def read_password(value: str | None, prompt: str = "Password", confirm: bool = F
     if not sys.stdin.isatty():
         raise ValueError("no password given: use -p, or -p - to read it from standard input")
     return click.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+
+
+def read_secret(value: str | None, prompt: str) -> str:
+    """A token option: ``-t VALUE`` as given; ``-t -`` one line from stdin; omitted: prompt."""
+    if value == "-":
+        return sys.stdin.readline().strip()
+    if value is None:
+        return read_password(None, prompt)
+    return value
+
+
+def load_key_pair(public_path, private_path):
+    """The private key in ``private_path``, after checking ``public_path`` is its public half."""
+    priv = load_private_key(private_path)
+    if load_public_key(public_path) != priv.public:
+        raise KeyFileError(f"{public_path} is not the public half of {private_path}")
+    return priv
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text", **limits) -> None:
