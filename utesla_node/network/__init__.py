@@ -47,6 +47,7 @@ class Network:
         cfg = node.config
         self.id = node.key.public.fingerprint()
         self.engine = GossipEngine(self.id, max_hops=cfg.max_hops,
+                                   max_routes=cfg.max_routes_per_link,
                                    digest_interval=cfg.gossip_interval,
                                    route_ttl=max(4 * cfg.gossip_interval,
                                                  3 * cfg.heartbeat_interval))
@@ -157,12 +158,17 @@ class Network:
                            writer: "ResponseWriter") -> None:
         """A downstream node subscribes: snapshot first, then updates and digests."""
         sub = session.peer_key.fingerprint()
+        # The routes it keeps per link (SPEC.md §9.3); an older node does not say.
+        cap = (stream.request.args or {}).get("max_routes")
+        if cap is not None and (type(cap) is not int or not 1 <= cap < (1 << 32)):
+            raise BadRequest("max_routes must be an integer from 1 to 2^32 - 1")
         old = self.subscribers.pop(sub, None)
         if old is not None:
             old.put_nowait(None)
         queue: asyncio.Queue = asyncio.Queue()
         self.subscribers[sub] = queue
-        snap = self.engine.subscribe(sub, time.monotonic())
+        snap = self.engine.subscribe(sub, time.monotonic(), cap)
+        self.kick()                       # a table too large for one message goes on in updates
         log.info("gossip subscriber %s (%s) with %d route(s)", session.peer_user, sub[:20],
                  len(snap["r"]))
         try:
