@@ -9,10 +9,13 @@ Shared by ``tests/network/test_gossip.py`` and ``bench/gossip_sim.py``.  It mode
 * every message goes through ``encode_message``/``decode_message`` (sizes are counted) and
   arrives after the link's latency, in order; a message that fails to decode is dropped,
   its sender counts as heard and is marked for resync, as ``Link._subscription`` does;
+* a subscription tells the publisher the subscriber's ``max_routes``, as the runtime's
+  request args do;
 * when a node puts an upstream in ``engine.resync`` the link is re-subscribed
-  (``unsubscribe`` + ``subscribe`` → a fresh snapshot) after ``resub_delay`` (the runtime
-  waits ``min(1, digest_interval)``); messages still in flight on the old subscription are
-  discarded, as the runtime resets the old stream;
+  (``unsubscribe`` + ``subscribe`` → a fresh snapshot) once ``engine.resync_wait()``
+  allows (plus ``resub_delay``, 0 by default), if the upstream is still out of step then;
+  messages still in flight on the old subscription are discarded, as the runtime resets
+  the old stream;
 * each node is polled at its ``engine.next_deadline()`` on a virtual clock.
 """
 from __future__ import annotations
@@ -42,13 +45,12 @@ def fingerprint_id(i: int) -> str:
 class Sim:
     """Engines, directional links, a message queue with per-link latency, a virtual clock."""
 
-    def __init__(self, *, latency: float = 0.001, resub_delay: float | None = None,
+    def __init__(self, *, latency: float = 0.001, resub_delay: float = 0.0,
                  **engine_kw):
         self.engine_kw = engine_kw
         self.latency = latency
         self.link_latency: dict[tuple[str, str], float] = {}
-        di = engine_kw.get("digest_interval", 1.0)
-        self.resub_delay = min(1.0, di) if resub_delay is None else resub_delay
+        self.resub_delay = resub_delay
         self.now = 0.0
         self.engines: dict[str, GossipEngine] = {}
         self.links: dict[tuple[str, str], int] = {}     # (down, up) -> subscription generation
@@ -119,7 +121,7 @@ class Sim:
     def _open(self, down: str, up: str) -> None:
         gen = next(self._gen)
         self.links[(down, up)] = gen
-        snap = self.engines[up].subscribe(down, self.now)
+        snap = self.engines[up].subscribe(down, self.now, self.engines[down].max_routes)
         self.engines[down].link_up(up, self.now)
         self._send(up, down, snap, gen)
         self._changed(up)
@@ -174,8 +176,8 @@ class Sim:
             link = (nid, peer)
             if link in self.links and link not in self._resub:
                 self._resub.add(link)
-                heapq.heappush(self._events, (self.now + self.resub_delay, next(self._seq), 2,
-                                              (link, self.links[link])))
+                at = self.now + self.resub_delay + e.resync_wait(peer, self.now)
+                heapq.heappush(self._events, (at, next(self._seq), 2, (link, self.links[link])))
         self._schedule(nid, after_poll)
         if self.on_change is not None:
             self.on_change(nid)
@@ -208,7 +210,11 @@ class Sim:
             self._resub.discard(link)
             return
         down, up = link
+        if up not in self.engines[down].resync:   # back in step meanwhile
+            self._resub.discard(link)
+            return
         self.resubscriptions += 1
+        self.engines[down].resubscribing(up, self.now)
         self.engines[up].unsubscribe(down)
         self._open(down, up)                # the snapshot's arrival ends the resubscription
 

@@ -85,6 +85,9 @@ class NodeConfig:
     heartbeat_interval: float = 5.0
     #: Largest number of hops a forwarded request may take.
     max_hops: int = 8
+    #: Routes kept per peer link (the best by hops, then name); each peer is told, and
+    #: sends no more.
+    max_routes_per_link: int = 10000
     #: Longest wait, seconds, between renewals of this node's tokens at its peers (each
     #: link renews on connecting, then at half the token's remaining life, at most this).
     token_renew_interval: float = 21600.0
@@ -213,6 +216,7 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
     ("network", "gossip_interval"): ("gossip_interval", _positive_float),
     ("network", "heartbeat_interval"): ("heartbeat_interval", _positive_float),
     ("network", "max_hops"): ("max_hops", _bounded_int(1, 64)),
+    ("network", "max_routes_per_link"): ("max_routes_per_link", _bounded_int(1, 1_000_000)),
     ("network", "token_renew_interval"): ("token_renew_interval", _positive_float),
     ("logging", "level"): ("log_level", _level),
     ("logging", "format"): ("log_format", _choice("text", "json")),

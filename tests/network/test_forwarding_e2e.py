@@ -361,7 +361,7 @@ async def test_peer_announcing_garbage_and_floods_is_contained(net, caplog):
         """f's routes stream, replaced: a different kind of abuse per subscription."""
         calls.append(len(engine.learned.get(fid, {})))
         n = len(calls)
-        if n == 1:       # a snapshot over the per-peer cap: dropped whole
+        if n == 1:       # a snapshot over the per-peer cap (and a bad digest): cut
             big = [route(f"s{i}").to_wire() for i in range(cap + 1)]
             await writer.write(_frame({"t": "snap", "r": big, "d": bytes(16)}))
         elif n == 2:     # malformed messages of every kind, in one burst
@@ -411,13 +411,15 @@ async def test_peer_announcing_garbage_and_floods_is_contained(net, caplog):
         await wait_for(lambda: len(calls) >= 4 and routes(a, "fakesvc"), 30)
         lk = next(iter(a.node.network.links.values()))
         assert lk.state == "up"
-        # The multi-chunk snapshot was taken whole, the flood past the cap was not.
-        assert calls[3] == cap, calls
-        assert engine.rejected >= 300
+        # The over-cap snapshot was cut to the cap, not refused; the multi-chunk snapshot
+        # was taken whole, the flood past the cap was cut.
+        assert calls[1] == cap and calls[3] == cap, calls
+        assert "offers 1001 routes, over the cap of 1000" in caplog.text
+        assert engine.rejected >= 1 + 300
         assert all(len(t) <= cap for t in engine.learned.values())
         # The junk was counted and logged, one line each.
-        assert a.node.metrics.counters["gossip_rejected"] >= 11
-        assert caplog.text.count("dropped a gossip message") >= 11
+        assert a.node.metrics.counters["gossip_rejected"] >= 10
+        assert caplog.text.count("dropped a gossip message") >= 10
         # The flood is gone (the fresh snapshot replaced it) and requests work.
         await wait_for(lambda: len(engine.learned.get(fid, {})) == 1, 5)
         client = a.client()

@@ -7,6 +7,7 @@ the runtime.
 """
 from __future__ import annotations
 
+import logging
 import random
 import sys
 from pathlib import Path
@@ -16,9 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utesla_node.network.gossip import (MAX_MESSAGE, GossipEngine, GossipError, Route, diff,
-                                        digest, decode_message, encode_message, export_route,
-                                        export_table, merge)
+from utesla_node.network import gossip
+from utesla_node.network.gossip import (DEFAULT_MAX_ROUTES, MAX_MESSAGE, RESYNC_MAX,
+                                        GossipEngine, GossipError, Route, diff, digest,
+                                        decode_message, encode_message, export_route,
+                                        export_table, merge, rank, truncate)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from _gossipsim import Sim, distances_to, line, random_graph, ring, star  # noqa: E402
@@ -198,17 +201,51 @@ def test_decode_rejects_oversized():
         decode_message(b"\x00" * (MAX_MESSAGE + 1), 10)
 
 
-def test_decode_enforces_route_cap():
+def test_decode_keeps_the_best_routes_over_the_cap_whatever_their_order():
     assert len(decode_message(encode_message(good_snap(10)), 10)["r"]) == 10
-    with pytest.raises(GossipError):
-        decode_message(encode_message(good_snap(11)), 10)
-    routes = [R(f"s{i}", "a").to_wire() for i in range(6)]
-    ok = {"t": "upd", "r": routes, "w": ["w0", "w1", "w2", "w3"], "d": D0}
-    assert len(decode_message(encode_message(ok), 10)["w"]) == 4
-    with pytest.raises(GossipError):
-        decode_message(encode_message({**ok, "w": ok["w"] + ["w4"]}), 10)
-    with pytest.raises(GossipError):       # arrays longer than the cap (+ slack) never decode
-        decode_message(encode_message({"t": "upd", "r": [], "w": ["s"] * 100, "d": D0}), 10)
+    assert "cut" not in decode_message(encode_message(good_snap(10)), 10)
+    # 40 routes, 1 to 4 hops: the 10 kept are the fewest hops, then by name.
+    routes = [R(f"s{i:02d}", *[f"h{j}" for j in range(i % 4)], "o") for i in range(40)]
+    want = sorted(routes, key=lambda r: (r.hops, r.service))[:10]
+    for seed in range(5):
+        shuffled = routes[:]
+        random.Random(seed).shuffle(shuffled)
+        snap = {"t": "snap", "r": [r.to_wire() for r in shuffled], "d": D0}
+        got = decode_message(encode_message(snap), 10)
+        assert sorted(got["r"], key=rank) == want
+        assert got["cut"] == sorted({r.service for r in routes} - {r.service for r in want})
+        upd = decode_message(encode_message({**snap, "t": "upd", "w": ["gone"]}), 10)
+        assert sorted(upd["r"], key=rank) == want and upd["cut"] == got["cut"]
+        assert upd["w"] == ["gone"]
+    # Many more routes than the cap (the selection is made as they are read).
+    many = [R(f"m{i}", "o") for i in range(5000)] + [R("a", "o")]
+    got = decode_message(encode_message({"t": "snap", "r": [r.to_wire() for r in many],
+                                         "d": D0}), 3)
+    assert [r.service for r in sorted(got["r"], key=rank)] == ["a", "m0", "m1"]
+    assert len(got["cut"]) == 4998
+    # A service repeated: the later route, as a dict would keep it.
+    twice = decode_message(encode_message({"t": "snap", "r": [
+        R("x", "o").to_wire(), R("x", "p", "o").to_wire()], "d": D0}), 10)
+    assert twice["r"] == [R("x", "p", "o")]
+    # Withdrawals are not bounded by the cap (withdrawing what we do not hold is a no-op).
+    assert len(decode_message(encode_message({"t": "upd", "w": ["s"] * 100, "d": D0}),
+                              10)["w"]) == 100
+    # The publisher's count of what it would have sent without our cap.
+    assert decode_message(encode_message({**good_snap(2), "n": 7}), 2)["n"] == 7
+    for bad in (-1, 1 << 32, "7", 1.5, None):
+        if bad is not None:
+            with pytest.raises(GossipError):
+                decode_message(encode_message({**good_snap(2), "n": bad}), 2)
+    with pytest.raises(GossipError):                # a path longer than any hop limit
+        decode_message(encode_message({"t": "snap", "r": [
+            ["s", "o", 1, [f"n{i}" for i in range(gossip.MAX_PATH)] + ["o"]]], "d": D0}), 10)
+
+
+def test_decode_a_repeated_key_keeps_the_last_value_as_before():
+    data = b"\x83\xa1t\xa4snap\xa1r\x91" + encode_message(R("a", "o").to_wire()) + \
+        b"\xa1r\x90\xa1d\xc4\x10" + D0
+    data = data.replace(b"\x83", b"\x84", 1)
+    assert decode_message(data, 10)["r"] == []
 
 
 # ============================================================================ pure functions
@@ -320,17 +357,215 @@ def test_engine_subscribe_snapshot_and_digest():
     assert e.poll(100.0) == [] and e.next_deadline() is None
 
 
-def test_engine_receive_caps_routes_per_peer():
+def test_engine_receive_keeps_the_best_routes_per_peer(caplog):
+    caplog.set_level(logging.INFO, logger="utesla.gossip")
     e = GossipEngine("me", max_routes=10)
     e.link_up("p", 0.0)
-    e.receive("p", {"t": "upd", "r": [R(f"s{i}", "p") for i in range(25)], "w": [],
+    # 25 routes, from an older publisher that does not honour our cap.
+    e.receive("p", {"t": "upd", "r": [R(f"s{i:02d}", "p") for i in range(25)], "w": [],
                     "d": D0}, 0.0)
-    assert len(e.learned["p"]) == 10 and e.rejected == 15
+    assert sorted(e.learned["p"]) == [f"s{i:02d}" for i in range(10)] and e.rejected == 15
     assert "p" in e.resync                          # its digest cannot match: resync
-    e.receive("p", {"t": "upd", "r": [R("s3", "p", version=2)], "w": ["s0"], "d": D0}, 0.1)
-    assert len(e.learned["p"]) == 9 and e.learned["p"]["s3"].version == 2  # known: replaced
-    e.receive("p", {"t": "upd", "r": [R("new", "p"), R("new2", "p")], "w": [], "d": D0}, 0.2)
-    assert len(e.learned["p"]) == 10 and e.rejected == 16
+    assert caplog.text.count("p offers 25 routes, over the cap of 10") == 1
+    # A withdrawal frees a place: a new route takes it.
+    e.receive("p", {"t": "upd", "r": [R("s03", "p", version=2), R("s20", "p")],
+                    "w": ["s00"], "d": D0}, 0.1)
+    assert sorted(e.learned["p"]) == [f"s{i:02d}" for i in range(1, 10)] + ["s20"]
+    assert e.learned["p"]["s03"].version == 2 and e.rejected == 15
+    # Routes cut on the wire replace what we held: withdrawn (s07).  Past the cap the
+    # worst by hops, then name, goes: s05, now two hops, after every one-hop route.
+    e.receive("p", {"t": "upd", "r": [R("a", "p"), R("zz", "p"), R("s05", "x", "p")],
+                    "cut": ["s07"], "w": [], "d": D0}, 0.2)
+    table = e.learned["p"]
+    assert sorted(table) == ["a", "s01", "s02", "s03", "s04", "s06", "s08", "s09", "s20",
+                             "zz"]
+    assert e.rejected == 15 + 2 and set(e.best) == set(table)
+    e.receive("p", {"t": "upd", "r": [R("b", "p")], "w": [], "d": D0}, 0.25)
+    assert "b" in table and "zz" not in table and len(table) == 10   # same hops: by name
+    assert caplog.text.count("offers") == 1         # warned once, not per message
+    # A snapshot over the cap: the publisher's own count is the one told.
+    e.receive("p", {"t": "snap", "r": [R(f"t{i}", "p") for i in range(10)], "n": 30,
+                    "d": digest({f"t{i}": R(f"t{i}", "p") for i in range(10)})}, 0.3)
+    assert "p" not in e.resync and caplog.text.count("p offers 30 routes") == 1
+    e.receive("p", {"t": "snap", "r": [R(f"t{i}", "p") for i in range(10)], "n": 30,
+                    "d": D0}, 0.4)
+    assert caplog.text.count("offers") == 2         # the same count: no new warning
+    e.receive("p", {"t": "snap", "r": [R("t1", "p")], "d": digest({"t1": R("t1", "p")})},
+              0.5)
+    assert "fits the cap of 10 routes again" in caplog.text and "p" not in e.over
+
+
+def deliver(sub: GossipEngine, peer: str, msgs, cap: int | None = None) -> None:
+    """Messages from ``peer`` to ``sub`` through the wire codec; each within the cap."""
+    for msg in msgs:
+        entries = len(msg.get("r", [])) + len(msg.get("w", []))
+        assert entries <= (cap or sub.max_routes), msg["t"]
+        sub.receive(peer, decode_message(encode_message(msg), sub.max_routes), 0.0)
+
+
+def drain(pub: GossipEngine, now: float, to: str) -> list[dict]:
+    """Poll ``pub`` until it has no update pending; the messages for subscriber ``to``."""
+    out = []
+    for k in range(50):
+        t = now + k * pub.min_update_interval
+        out += [m for s, m in pub.poll(t) if s == to and m["t"] != "dig"]
+        if not pub._sub_pending[to]:
+            return out
+    raise AssertionError("updates still pending")
+
+
+def should_hold(pub: GossipEngine, sub: str, cap: int) -> dict[str, Route]:
+    """What ``sub`` should hold from ``pub``: the best ``cap`` of all pub could export."""
+    table = export_table(pub.id, pub.local, pub.version, pub.best, sub, pub.max_hops)
+    truncate(table, cap)
+    return table
+
+
+def test_publisher_sends_a_subscriber_at_most_its_cap_the_best_by_hops_then_name():
+    pub = GossipEngine("me", min_update_interval=0.02)
+    pub.link_up("p", 0.0)
+    pub.receive("p", {"t": "upd", "r": [R("a", "p"), R("b", "p", "o"), R("c", "p")],
+                      "w": [], "d": D0}, 0.0)
+    pub.set_local({"y", "z"}, 0.0)
+    sub = GossipEngine("sub", max_routes=3)
+    snap = pub.subscribe("sub", 0.0, 3)
+    # Local routes are one hop, p's two or three: y, z, then a (2 hops) before c (by name).
+    assert sorted(r[0] for r in snap["r"]) == ["a", "y", "z"] and snap["n"] == 5
+    deliver(sub, "me", [snap])
+    assert sub.resync == set() and sorted(sub.learned["me"]) == ["a", "y", "z"]
+    # A held route withdrawn: the next best (c) takes its place.
+    pub.receive("p", {"t": "upd", "r": [], "w": ["a"], "d": D0}, 1.0)
+    deliver(sub, "me", drain(pub, 1.0, "sub"))
+    assert sorted(sub.learned["me"]) == ["c", "y", "z"] and sub.resync == set()
+    # A better route arrives: the worst held one (c) makes way.
+    pub.receive("p", {"t": "upd", "r": [R("a", "p")], "w": [], "d": D0}, 2.0)
+    deliver(sub, "me", drain(pub, 2.0, "sub"))
+    assert sorted(sub.learned["me"]) == ["a", "y", "z"] and sub.resync == set()
+    # A worse one changes nothing it holds (no message at all).
+    pub.receive("p", {"t": "upd", "r": [R("zzz", "p", "q")], "w": [], "d": D0}, 3.0)
+    assert drain(pub, 3.0, "sub") == []
+    # A held route gets longer and ranks past one left out: they swap.
+    pub.set_local({"z"}, 4.0)                   # y goes: a, c, z
+    deliver(sub, "me", drain(pub, 4.0, "sub"))
+    assert sorted(sub.learned["me"]) == ["a", "c", "z"]
+    pub.receive("p", {"t": "upd", "r": [R("a", "p", "x", "o")], "w": [], "d": D0}, 5.0)
+    deliver(sub, "me", drain(pub, 5.0, "sub"))
+    assert sorted(sub.learned["me"]) == ["b", "c", "z"]     # b (3 hops) before a (4 hops)
+    assert sub.learned["me"] == should_hold(pub, "sub", 3) and sub.resync == set()
+    # Everything fits again: no cut, and the next snapshot says nothing of one.
+    pub.receive("p", {"t": "upd", "r": [], "w": ["a", "b", "zzz"], "d": D0}, 6.0)
+    deliver(sub, "me", drain(pub, 6.0, "sub"))
+    assert sorted(sub.learned["me"]) == ["c", "z"] and "sub" not in pub._sub_bound
+    assert "n" not in pub.subscribe("sub", 7.0, 3)
+
+
+def test_a_subscriber_that_does_not_say_gets_the_default_cap():
+    pub = GossipEngine("me")
+    pub.set_local({f"s{i:05d}" for i in range(DEFAULT_MAX_ROUTES + 6)}, 0.0)
+    snap = pub.subscribe("old", 0.0)
+    assert len(snap["r"]) == DEFAULT_MAX_ROUTES and snap["n"] == DEFAULT_MAX_ROUTES + 6
+    assert max(r[0] for r in snap["r"]) == f"s{DEFAULT_MAX_ROUTES - 1:05d}"
+    with pytest.raises(ValueError):
+        pub.subscribe("bad", 0.0, 0)
+
+
+def test_a_table_too_large_for_one_message_goes_on_in_updates(monkeypatch):
+    monkeypatch.setattr(gossip, "MESSAGE_BUDGET", 1000)
+    pub = GossipEngine("me", min_update_interval=0.02)
+    pub.set_local({f"svc-{i:03d}" for i in range(100)}, 0.0)
+    sub = GossipEngine("sub", max_routes=60)
+    snap = pub.subscribe("sub", 0.0, 60)
+    assert 0 < len(snap["r"]) < 60 and snap["n"] == 100
+    assert pub.next_deadline() <= 0.0               # the rest is due at once
+    deliver(sub, "me", [snap])
+    assert sub.resync == set()                      # each part carries its own digest
+    parts = drain(pub, 0.0, "sub")
+    assert len(parts) >= 2 and all(len(encode_message(m)) <= 1000 for m in parts)
+    assert len(encode_message(snap)) <= 1000
+    for m in parts:
+        deliver(sub, "me", [m])
+        assert sub.resync == set()
+    assert sorted(sub.learned["me"]) == [f"svc-{i:03d}" for i in range(60)]
+    # An update of the whole table (a new version) is split by the subscriber's cap too:
+    # withdrawals first, so it never holds more than its cap in between.
+    monkeypatch.setattr(gossip, "MESSAGE_BUDGET", 1 << 20)
+    pub.set_local({f"new-{i:03d}" for i in range(100)}, 1.0)
+    msgs = drain(pub, 1.0, "sub")
+    assert len(msgs) == 2 and msgs[0]["w"] and len(msgs[0]["w"]) + len(msgs[0]["r"]) == 60
+    for m in msgs:
+        deliver(sub, "me", [m], cap=60)
+        assert sub.resync == set() and len(sub.learned["me"]) <= 60
+    assert sorted(sub.learned["me"]) == [f"new-{i:03d}" for i in range(60)]
+
+
+@st.composite
+def churn(draw):
+    cap = draw(st.integers(1, 4))
+    names = [f"s{i}" for i in range(6)]
+    steps = draw(st.lists(st.one_of(
+        st.tuples(st.just("local"), st.sets(st.sampled_from(names), max_size=4)),
+        st.tuples(st.just("learn"), st.sampled_from(["p", "q"]), st.sampled_from(names),
+                  st.integers(1, 4)),
+        st.tuples(st.just("withdraw"), st.sampled_from(["p", "q"]), st.sampled_from(names)),
+        st.tuples(st.just("down"), st.sampled_from(["p", "q"])),
+    ), min_size=1, max_size=25))
+    return cap, steps
+
+
+@settings(max_examples=300, deadline=None)
+@given(churn())
+def test_property_a_capped_subscriber_always_holds_the_best_routes_in_step(case):
+    """Whatever changes at the publisher, once its updates are out the subscriber holds
+    exactly the best ``cap`` routes (by hops, then name) of all the publisher could
+    export to it, the digests agree, and no message carries more than ``cap`` entries."""
+    cap, steps = case
+    pub = GossipEngine("me", min_update_interval=0.02)
+    sub = GossipEngine("sub", max_routes=cap)
+    deliver(sub, "me", [pub.subscribe("sub", 0.0, cap)])
+    now = 0.0
+    for step in steps:
+        now += 1.0
+        if step[0] == "local":
+            pub.set_local(step[1], now)
+        elif step[0] == "learn":
+            _, peer, svc, hops = step
+            path = [peer] + [f"{peer}{k}" for k in range(hops - 1)]
+            pub.link_up(peer, now)
+            pub.receive(peer, {"t": "upd", "r": [Route(svc, path[-1], 1, tuple(path))],
+                               "w": [], "d": D0}, now)
+        elif step[0] == "withdraw":
+            pub.receive(step[1], {"t": "upd", "r": [], "w": [step[2]], "d": D0}, now)
+        else:
+            pub.link_down(step[1], now)
+        for k in range(3):                          # ghost flushing, then the update
+            deliver(sub, "me", [m for s, m in pub.poll(now + k * 0.01) if s == "sub"], cap)
+        deliver(sub, "me", drain(pub, now + 0.03, "sub"), cap)
+        assert sub.learned["me"] == should_hold(pub, "sub", cap)
+        assert sub.resync == set() and sub.rejected == 0
+
+
+def test_resubscription_backoff_doubles_until_in_step():
+    e = GossipEngine("me", digest_interval=0.5)
+    assert e.resync_wait("p", 0.0) == 0.0           # the first at once
+    t, waits = 0.0, []
+    for _ in range(10):
+        e.resubscribing("p", t)
+        w = e.resync_wait("p", t)
+        waits.append(w)
+        assert e.resync_wait("p", t + w) == 0.0
+        t += w
+    assert waits == [min(0.5 * 2 ** k, RESYNC_MAX) for k in range(10)]
+    # In step again (a digest matches): the waits start over from resync_min.
+    e.resubscribing("p", t)
+    assert e.resync_wait("p", t) == RESYNC_MAX
+    e.link_up("p", t)
+    e.receive("p", {"t": "dig", "d": D0}, t + 0.1)
+    assert e.resync_wait("p", t + 0.2) == pytest.approx(0.3)    # still one per 0.5 s
+    e.resubscribing("p", t + 0.5)
+    assert e.resync_wait("p", t + 0.5) == 0.5
+    e.resubscribing("p", t + 1.0)
+    assert e.resync_wait("p", t + 1.0) == 1.0
+    assert GossipEngine("x", digest_interval=5.0).resync_min == 1.0
 
 
 def test_ghost_flushing_withdraws_a_worse_route_at_once():
@@ -483,8 +718,7 @@ def test_garbage_from_a_peer_is_dropped_and_resynced():
     for junk in (b"\xc1junk", wire({"t": "snap", "r": [["x y", "q", 1, ["q"]]], "d": D0}),
                  wire({"t": "dig", "d": b"short"}), b"\x00" * (MAX_MESSAGE + 1)):
         sim.inject(a, b, junk)
-    sim.run_for(0.01)
-    assert sim.decode_errors == 4
+    assert sim.run_for(0.01, stop=lambda: sim.decode_errors == 4)
     assert b in sim.engines[a].resync
     assert sim.best(a, "from_b") and sim.best(a, "from_c")    # nothing lost meanwhile
     sim.settle()
@@ -493,28 +727,80 @@ def test_garbage_from_a_peer_is_dropped_and_resynced():
     assert sim.engines[a].rejected == 0
 
 
-def test_flood_over_max_routes_is_capped():
-    # 30 origins, each with one service, join hub `h` one after another; `r` subscribes to h
-    # with room for 10 routes per peer.
-    sim = Sim(digest_interval=0.5)
+def _hub_with_origins(n_origins: int, cap: int, **kw):
+    """Hub ``h`` learns one service from each of ``n_origins`` nodes; ``r`` subscribes to
+    ``h`` with room for ``cap`` routes per peer, and to ``ok`` (one service)."""
+    sim = Sim(digest_interval=0.5, **kw)
     sim.add_node("h")
-    sim.add_node("r", max_routes=10)
+    sim.add_node("r", max_routes=cap)
     sim.add_node("ok", ["fine"])
     sim.add_link("r", "h")
     sim.add_link("r", "ok")
-    for i in range(30):
+    for i in range(n_origins):
         sim.add_node(f"o{i}", [f"svc{i}"])
         sim.add_link("h", f"o{i}")
         sim.run_for(0.05)                           # one small update each
-    sim.run_for(5)
-    r = sim.engines["r"]
-    assert len(r.learned["h"]) <= 10
-    assert r.rejected > 0
-    assert sim.decode_errors > 0                    # the 31-route snapshots are refused
-    assert len([s for s in r.best if s.startswith("svc")]) <= 10
-    assert sim.best("r", "fine")[1].path == ("ok",)  # other peers unaffected
-    assert len(sim.engines["h"].best) == 30
+    return sim
+
+
+#: The 10 of svc0..svc29 (all two hops from r) kept by name order.
+BEST_10_OF_30 = sorted(f"svc{i}" for i in range(30))[:10]
+
+
+def test_flood_over_max_routes_is_cut_to_the_same_best_routes_by_the_publisher():
+    sim = _hub_with_origins(30, 10)
+    sim.settle()
+    r, h = sim.engines["r"], sim.engines["h"]
+    assert sorted(r.learned["h"]) == BEST_10_OF_30
+    assert sorted(s for s in r.best if s.startswith("svc")) == BEST_10_OF_30
+    assert r.rejected == 0 and sim.decode_errors == 0     # h sent no more than 10
+    assert r.resync == set() and sim.resubscriptions == 0  # digests in step all along
+    assert sim.best("r", "fine")[1].path == ("ok",)       # other peers unaffected
+    assert len(h.best) == 30 and h.subs["r"] == r.learned["h"]
     assert_loop_free(sim)
+    # Anti-entropy still works on the kept set: a corrupted table is repaired to it.
+    good = dict(r.learned["h"])
+    del r.learned["h"]["svc0"]
+    r.learned["h"]["bogus"] = R("bogus", "h", "zz")
+    assert sim.run_for(5, stop=lambda: r.learned["h"] == good)
+    sim.settle()
+    assert r.learned["h"] == good and sim.resubscriptions == 1 and r.resync == set()
+    # A service leaving: the next best takes its place, in step, no re-subscription.
+    sim.kill("o0")                                  # svc0 goes; svc18 (11th by name) comes in
+    sim.settle()
+    assert sorted(r.learned["h"]) == sorted(BEST_10_OF_30[1:] + ["svc18"])
+    assert sim.resubscriptions == 1 and r.resync == set()
+
+
+def test_an_older_publisher_over_the_cap_is_cut_and_resubscribed_with_backoff(caplog):
+    """A publisher that does not honour the cap sends all 30: the subscriber keeps the same
+    10 a newer one would send, warns once, and re-subscribes less and less often."""
+    caplog.set_level(logging.WARNING, logger="utesla.gossip")
+    sim = Sim(digest_interval=0.5)
+    h = sim.add_node("h")
+    old = h.subscribe
+    h.subscribe = lambda sub, now, max_routes=None: old(sub, now)   # the cap unread
+    sim.add_node("r", max_routes=10)
+    sim.add_link("r", "h")
+    r = sim.engines["r"]
+    times: list[float] = []
+    resubscribing = r.resubscribing
+    r.resubscribing = lambda peer, now: (times.append(now), resubscribing(peer, now))
+    for i in range(30):
+        sim.add_node(f"o{i}", [f"svc{i}"])
+        sim.add_link("h", f"o{i}")
+    sim.run_for(300)
+    assert sorted(r.learned["h"]) == BEST_10_OF_30
+    assert sorted(s for s in r.best if s.startswith("svc")) == BEST_10_OF_30
+    assert caplog.text.count("h offers 30 routes, over the cap of 10") == 1
+    # Each wait twice the one before (from min(1 s, interval) = 0.5 s) up to RESYNC_MAX:
+    # a dozen re-subscriptions in 300 s, not one per interval (600).
+    waits = [b - a for a, b in zip(times, times[1:])]
+    assert len(times) <= 14, times
+    for k, w in enumerate(waits):
+        assert w >= min(0.5 * 2 ** k, RESYNC_MAX) - 1e-9, (k, waits)
+    assert waits[-1] == pytest.approx(RESYNC_MAX, abs=0.1)
+    assert r.learned["h"]["svc0"].path == ("h", "o0")
 
 
 def test_hop_limit():

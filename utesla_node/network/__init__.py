@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from protocol.errors import Status
+from protocol.errors import BadRequest, Status
 
 from ..config import NodeConfig
 from ..metrics import Metrics
@@ -48,6 +48,7 @@ class Network:
         self.local_services = local_services
         self.id = key.public.fingerprint()
         self.engine = GossipEngine(self.id, max_hops=cfg.max_hops,
+                                   max_routes=cfg.max_routes_per_link,
                                    digest_interval=cfg.gossip_interval,
                                    route_ttl=max(4 * cfg.gossip_interval,
                                                  3 * cfg.heartbeat_interval))
@@ -154,12 +155,17 @@ class Network:
                            writer: "ResponseWriter") -> None:
         """A downstream node subscribes: snapshot first, then updates and digests."""
         sub = session.peer_key.fingerprint()
+        # The routes it keeps per link (SPEC.md §9.3); an older node does not say.
+        cap = (stream.request.args or {}).get("max_routes")
+        if cap is not None and (type(cap) is not int or not 1 <= cap < (1 << 32)):
+            raise BadRequest("max_routes must be an integer from 1 to 2^32 - 1")
         old = self.subscribers.pop(sub, None)
         if old is not None:
             old.put_nowait(None)
         queue: asyncio.Queue = asyncio.Queue()
         self.subscribers[sub] = queue
-        snap = self.engine.subscribe(sub, time.monotonic())
+        snap = self.engine.subscribe(sub, time.monotonic(), cap)
+        self.kick()                       # a table too large for one message goes on in updates
         log.info("gossip subscriber %s (%s) with %d route(s)", session.peer_user, sub[:20],
                  len(snap["r"]))
         try:
@@ -213,26 +219,26 @@ class Network:
     def graph(self) -> dict:
         """The network as this node sees it: nodes (with hop distance and services) and
         the directed links gossip flows over (A -> B: A subscribes to B)."""
+        # (Services gathered in sets: a list's membership test made this quadratic, over a
+        # second per call with a peer of 10,000 services.)
         nodes: dict[str, dict] = {self.id: {"id": self.id, "hops": 0, "self": True,
-                                            "services": sorted(self.engine.local)}}
+                                            "services": set(self.engine.local)}}
         edges: set[tuple[str, str]] = set()
         urls = {link.peer_id: link.peer.url for link in self.links.values()}
         for link in self.links.values():
-            nodes.setdefault(link.peer_id, {"id": link.peer_id, "hops": 1, "services": []})
+            nodes.setdefault(link.peer_id, {"id": link.peer_id, "hops": 1, "services": set()})
             edges.add((self.id, link.peer_id))
         for svc, cands in self.engine.best.items():
             for _peer, r in cands:
                 prev = self.id
                 for i, n in enumerate(r.path):
-                    entry = nodes.setdefault(n, {"id": n, "hops": i + 1, "services": []})
+                    entry = nodes.setdefault(n, {"id": n, "hops": i + 1, "services": set()})
                     entry["hops"] = min(entry["hops"], i + 1)
                     edges.add((prev, n))
                     prev = n
-                origin = nodes[r.origin]
-                if svc not in origin["services"]:
-                    origin["services"].append(svc)
+                nodes[r.origin]["services"].add(svc)
         for n in nodes.values():
-            n["services"].sort()
+            n["services"] = sorted(n["services"])
             if n["id"] in urls:
                 n["url"] = urls[n["id"]]
         return {"nodes": sorted(nodes.values(), key=lambda n: (n["hops"], n["id"])),

@@ -190,7 +190,9 @@ class Link:
         # settled by it.  Left set, it would end this subscription after its first chunk
         # whenever the snapshot spans several chunks (a resubscribe loop on large tables).
         engine.resync.discard(self.peer_id)
-        stream = self.session.open_stream("GET", "/_node/net/routes", token=self.peer.token)
+        # Our cap goes with the request: the peer sends at most that many routes (SPEC.md §9.3).
+        stream = self.session.open_stream("GET", "/_node/net/routes", token=self.peer.token,
+                                          args={"max_routes": engine.max_routes})
         status, _ = await asyncio.wait_for(stream.head, cfg.handshake_timeout)
         if status != Status.OK:
             text = (await stream.read_all(4096)).decode("utf-8", "replace")
@@ -203,18 +205,33 @@ class Link:
         self.since = time.time()
         buf = bytearray()
         max_routes = engine.max_routes
-        wait_resub = asyncio.ensure_future(self._resubscribe.wait())
-        read = None
+        wait_resub = read = None
         try:
             while True:
-                read = asyncio.ensure_future(stream.read_chunk())
-                done, _ = await asyncio.wait({read, wait_resub},
+                # Out of step with the peer (digest mismatch, a message dropped, routes
+                # expired): re-subscribe once the engine's backoff allows, reading on
+                # meanwhile (routes keep arriving, and silence would expire them).
+                wait = None
+                if self.peer_id in engine.resync:
+                    wait = engine.resync_wait(self.peer_id, time.monotonic())
+                    if wait <= 0:
+                        log.info("gossip out of step with %s: resubscribing", self.peer.url)
+                        engine.resubscribing(self.peer_id, time.monotonic())
+                        stream.reset(Status.CANCELLED, "resubscribing")
+                        return
+                if read is None:
+                    read = asyncio.ensure_future(stream.read_chunk())
+                if wait_resub is None:
+                    wait_resub = asyncio.ensure_future(self._resubscribe.wait())
+                done, _ = await asyncio.wait({read, wait_resub}, timeout=wait,
                                              return_when=asyncio.FIRST_COMPLETED)
+                if wait_resub in done:            # the pump asks: look at engine.resync again
+                    self._resubscribe.clear()
+                    wait_resub = None
                 if read not in done:
-                    read.cancel()
-                    stream.reset(Status.CANCELLED, "resubscribing")
-                    return
+                    continue
                 chunk = read.result()
+                read = None
                 if not chunk:
                     raise ConnectionLost("peer ended the gossip subscription")
                 buf += chunk
@@ -237,17 +254,12 @@ class Link:
                     engine.receive(self.peer_id, msg, time.monotonic())
                     self.synced = True
                     self.network.kick()
-                if self.peer_id in engine.resync:
-                    log.info("gossip digest mismatch with %s: resubscribing", self.peer.url)
-                    stream.reset(Status.CANCELLED, "resubscribing")
-                    await asyncio.sleep(min(1.0, engine.digest_interval))  # rate cap
-                    return
         finally:
-            wait_resub.cancel()
-            if read is not None and not read.done():
+            for fut in (wait_resub, read):
                 # Cancelled while waiting (link stopped): else the read fails when the
                 # session closes and asyncio logs "Task exception was never retrieved".
-                read.cancel()
+                if fut is not None and not fut.done():
+                    fut.cancel()
 
     async def _heartbeat(self) -> None:
         interval = self.network.config.heartbeat_interval
