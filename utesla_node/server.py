@@ -78,7 +78,7 @@ class Node:
                                        and "pool_size=" not in cfg.database_url else {}))
         await self.storage.open()
         log.info("database: %s", redact_url(cfg.database_url) or f"sqlite {cfg.data_dir}")
-        self.authority = auth.Authority(self.storage, cfg.token_expire)
+        self.authority = auth.Authority.from_config(self.storage, cfg)
         self.registry = await loop.run_in_executor(None, ServiceRegistry.load, cfg.services_dir)
         self.settings = Settings(max_record=cfg.max_record, window=cfg.stream_window,
                                  max_streams=cfg.max_streams,
@@ -432,7 +432,7 @@ class Builtins:
             raise BadRequest("argument 'password' (string) is required")
         authority = self.node.authority
         try:
-            await authority.check_password(session.peer_user, password)
+            await authority.check_password(session.peer_user, password, source=session.name)
             scopes = args.get("scopes")
             if scopes is not None and (not isinstance(scopes, list)
                                        or not all(isinstance(s, str) for s in scopes)):
