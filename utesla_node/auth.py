@@ -566,8 +566,9 @@ class Authority:
 
         Unknown users cost one scrypt run as well, and every failure carries the same message.
         ``source`` is the client's address (``host:port`` as the session names its peer; None:
-        not limited per address).  While the user or the address is locked out after too many failures, the
-        attempt is refused at once with :class:`TooManyAttempts`, before any scrypt run.
+        not limited per address).  While the user or the address is locked out after too many
+        failures, the attempt is refused at once with :class:`TooManyAttempts`, before any
+        scrypt run; while its attempts in flight use up what the limit leaves, it waits.
         """
         await self._admit(user_name, source)
         ok = None
