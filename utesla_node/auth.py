@@ -6,9 +6,15 @@ the caller supplies the identity the handshake authenticated.  What this module 
 * **Passwords** are hashed with scrypt (N=2**15, r=8, p=1, 16-byte salt, 32-byte key) and stored
   as ``scrypt$ln=15$r=8$p=1$<salt b64>$<key b64>``, so the cost can be raised later without
   breaking existing hashes (:func:`needs_rehash` tells which ones are below the current cost).
-  scrypt is deliberately slow, so it always runs on a small thread pool behind a semaphore per
-  event loop: a burst of logins queues up instead of freezing the event loop or eating memory
-  (each scrypt call needs 128 * r * N bytes = 32 MiB).
+  scrypt is deliberately slow, so it always runs on a small thread pool, two runs at a time:
+  a burst of logins queues up instead of freezing the event loop or eating memory (each scrypt
+  call needs 128 * r * N bytes = 32 MiB).  The queue is fair across users: a free slot goes to
+  the waiting user with the fewest runs going, round-robin among equals, so one user's flood
+  delays another's login by about one scrypt run, not by the length of the flood.
+* **Password attempts are limited** per user and per source address
+  (:class:`~utesla_node.ratelimit.AttemptLimiter`): after too many failures the user or the
+  address is refused at once, with :class:`TooManyAttempts` (status 429) saying when to try
+  again, for a backoff that doubles with each lockout; a success forgets the user's failures.
 * **Unknown users and wrong passwords look the same**: same exception, same message, and an
   unknown user still costs one scrypt run (:func:`dummy_verify`), so timing does not reveal
   which names exist.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import hashlib
 import hmac
 import logging
@@ -42,18 +49,19 @@ from typing import NamedTuple
 
 from Crypto.Protocol.KDF import scrypt as _scrypt
 
-from protocol.errors import Status
+from protocol.errors import Status, StatusError
 
+from .config import NodeConfig
 from .errors import NodeError
-
+from .ratelimit import AttemptLimiter, Backoff
 from .storage import Storage, StorageError, Token, User
 
 __all__ = [
     "PASSWORD_MAX", "TOKEN_PREFIX", "SCOPE_MAX_LEN", "SCOPES_MAX", "DEFAULT_TOKEN_EXPIRE",
-    "INVALID_TOKEN", "Unauthorized", "Forbidden", "MalformedToken",
+    "INVALID_TOKEN", "Unauthorized", "Forbidden", "MalformedToken", "TooManyAttempts",
     "hash_password", "verify_password", "needs_rehash", "dummy_verify", "set_scrypt_cost",
     "new_token", "token_hash", "validate_scopes", "scope_allows", "normalise_path",
-    "Authority",
+    "Authority", "password_limiter",
 ]
 
 log = logging.getLogger(__name__)
@@ -112,6 +120,24 @@ class Forbidden(AuthError):
     status = Status.FORBIDDEN
 
 
+class TooManyAttempts(StatusError):
+    """Password attempts refused at once: the user or the address is locked out for a while.
+
+    Status 429 (HTTP's Too Many Requests); ``retry_after`` is the whole number of seconds to
+    wait, also given in the message, since an error response carries no headers.  A
+    :class:`~protocol.errors.StatusError` so that it reaches the client as it is.
+    """
+
+    status = 429
+
+    def __init__(self, kind: str, retry_after: float):
+        self.kind = kind
+        self.retry_after = max(1, math.ceil(retry_after))
+        who = "for this user" if kind == "user" else "from this address"
+        super().__init__(f"too many failed password attempts {who}: "
+                         f"try again in {self.retry_after} s")
+
+
 class MalformedToken(ValueError):
     """A string that cannot be a token at all (wrong prefix, length or alphabet).
 
@@ -125,7 +151,7 @@ class MalformedToken(ValueError):
 _log2_n = _DEFAULT_LOG2_N
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
-_semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _FairPool] = (
     weakref.WeakKeyDictionary()
 )
 _HASH_CONCURRENCY = 2
@@ -154,28 +180,103 @@ def _get_executor() -> ThreadPoolExecutor:
         return _executor
 
 
-def _get_semaphore() -> asyncio.Semaphore:
-    """The hashing semaphore of the running loop.
+class _FairPool:
+    """``slots`` scrypt runs at a time, shared fairly between owners (users).
 
-    An asyncio primitive belongs to one loop, and test suites (or a CLI calling
-    ``asyncio.run`` twice) use several; one semaphore per loop, forgotten with its loop.
+    Each owner has its own queue.  A free slot goes to the waiting owner with the fewest runs
+    going, the longest-waiting of those first (round-robin: an owner served goes to the back).
+    So a user arriving behind another's flood of 64 attempts gets the next free slot, not the
+    65th.  A slot is held until the scrypt call itself returns, even if the caller gave up
+    meanwhile: the thread keeps computing, and releasing early would let more runs pile up in
+    the executor's own first-come queue than there are threads.
+
+    One per event loop (asyncio futures belong to one loop), forgotten with its loop.
     """
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.busy = 0
+        self.running: collections.Counter[str] = collections.Counter()
+        # Insertion order is the round-robin order.
+        self.waiting: dict[str, collections.deque[asyncio.Future]] = {}
+        #: Runs granted so far (tests and benchmarks read it).
+        self.started = 0
+
+    def queued(self, owner: str | None = None) -> int:
+        """Runs waiting for a slot: ``owner``'s, or everyone's."""
+        if owner is not None:
+            return len(self.waiting.get(owner, ()))
+        return sum(len(q) for q in self.waiting.values())
+
+    async def acquire(self, owner: str) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(owner, collections.deque()).append(fut)
+        self._pump()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(owner)          # granted, but its caller is gone
+            else:
+                queue = self.waiting.get(owner)
+                if queue is not None and fut in queue:
+                    queue.remove(fut)
+                    if not queue:
+                        del self.waiting[owner]
+            raise
+
+    def release(self, owner: str) -> None:
+        self.busy -= 1
+        self.running[owner] -= 1
+        if self.running[owner] <= 0:
+            del self.running[owner]
+        self._pump()
+
+    def _pump(self) -> None:
+        while self.busy < self.slots and self.waiting:
+            # min() keeps the first of equals, in round-robin order.
+            owner = min(self.waiting, key=self.running.__getitem__)
+            queue = self.waiting.pop(owner)
+            fut = queue.popleft()
+            if queue:
+                self.waiting[owner] = queue  # to the back of the round
+            self.busy += 1
+            self.running[owner] += 1
+            self.started += 1
+            fut.set_result(None)
+
+
+def _get_pool() -> _FairPool:
+    """The scrypt pool of the running loop."""
     loop = asyncio.get_running_loop()
     with _executor_lock:
-        sem = _semaphores.get(loop)
-        if sem is None:
-            sem = _semaphores[loop] = asyncio.Semaphore(_HASH_CONCURRENCY)
-        return sem
+        pool = _pools.get(loop)
+        if pool is None:
+            pool = _pools[loop] = _FairPool(_HASH_CONCURRENCY)
+        return pool
+
+
+def _release_soon(loop: asyncio.AbstractEventLoop, pool: _FairPool, owner: str) -> None:
+    """Give the slot back on the pool's loop (called from the scrypt thread)."""
+    try:
+        loop.call_soon_threadsafe(pool.release, owner)
+    except RuntimeError:  # the loop is closed: so is its pool
+        pass
 
 
 async def _run_scrypt(
-    password: bytes, salt: bytes, log2_n: int, r: int, p: int, key_len: int
+    password: bytes, salt: bytes, log2_n: int, r: int, p: int, key_len: int, owner: str = ""
 ) -> bytes:
-    async with _get_semaphore():
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            _get_executor(), lambda: _scrypt(password, salt, key_len, N=1 << log2_n, r=r, p=p)
-        )
+    pool = _get_pool()
+    await pool.acquire(owner)
+    loop = asyncio.get_running_loop()
+    try:
+        job = _get_executor().submit(_scrypt, password, salt, key_len, N=1 << log2_n, r=r, p=p)
+    except BaseException:
+        pool.release(owner)
+        raise
+    job.add_done_callback(lambda _: _release_soon(loop, pool, owner))
+    return await asyncio.wrap_future(job)
 
 
 def _password_bytes(password: str) -> bytes:
@@ -246,19 +347,21 @@ async def hash_password(password: str) -> str:
     return f"scrypt$ln={log2_n}$r={_SCRYPT_R}$p={_SCRYPT_P}${_b64(salt)}${_b64(key)}"
 
 
-async def verify_password(password: str, stored: str) -> bool:
+async def verify_password(password: str, stored: str, *, owner: str = "") -> bool:
     """Whether ``password`` matches ``stored`` (constant-time comparison of the derived keys).
 
     A stored value this code cannot parse, or whose parameters are out of bounds, never
     matches (and is logged): refusing a login is the safe outcome of a damaged row.  Raises
-    ``ValueError`` for an over-long password.
+    ``ValueError`` for an over-long password.  ``owner`` (the user name) is whose queue the
+    scrypt run waits in: the pool is shared fairly between owners.
     """
     data = _password_bytes(password)
     params = _parse_hash(stored)
     if params is None:
         log.warning("unusable password hash in storage (not scrypt$ln=..$r=..$p=..$salt$key)")
         return False
-    key = await _run_scrypt(data, params.salt, params.log2_n, params.r, params.p, len(params.key))
+    key = await _run_scrypt(data, params.salt, params.log2_n, params.r, params.p, len(params.key),
+                            owner)
     return hmac.compare_digest(key, params.key)
 
 
@@ -280,15 +383,16 @@ def needs_rehash(stored: str) -> bool:
 _DUMMY_SALT = b"utesla-dummy-slt"  # 16 bytes; what matters is the work, not the value
 
 
-async def dummy_verify(password: str) -> None:
+async def dummy_verify(password: str, *, owner: str = "") -> None:
     """Spend the time of a real verification, for users that do not exist.
 
-    Runs scrypt at the current cost, through the same executor and semaphore as real checks,
-    so "unknown user" and "wrong password" are indistinguishable by timing and by load.
+    Runs scrypt at the current cost, through the same executor and fair queue (as ``owner``)
+    as real checks, so "unknown user" and "wrong password" are indistinguishable by timing and
+    by load.
     Over-long passwords are truncated rather than refused: the caller fails the login anyway.
     """
     data = password.encode("utf-8", "replace")[:PASSWORD_MAX] if isinstance(password, str) else b""
-    await _run_scrypt(data, _DUMMY_SALT, _log2_n, _SCRYPT_R, _SCRYPT_P, _KEY_LEN)
+    await _run_scrypt(data, _DUMMY_SALT, _log2_n, _SCRYPT_R, _SCRYPT_P, _KEY_LEN, owner)
 
 
 # --------------------------------------------------------------------------- tokens
@@ -412,12 +516,30 @@ def _covered(requested: str, allowed: tuple[str, ...]) -> bool:
 
 # --------------------------------------------------------------------------- the authority
 
+def password_limiter(config: NodeConfig | None = None,
+                     clock: Callable[[], float] = time.monotonic) -> AttemptLimiter:
+    """The password limiter configured by ``config`` (None: the defaults).
+
+    Per user, ``max_password_failures`` failures within ``password_failure_window`` seconds
+    lock the user out; per source address, ``max_password_failures_per_ip`` do.  Lockouts
+    start at ``password_backoff`` seconds and double up to ``password_backoff_max``.
+    """
+    cfg = config if config is not None else NodeConfig()
+    window, first, most = cfg.password_failure_window, cfg.password_backoff, \
+        cfg.password_backoff_max
+    return AttemptLimiter(
+        Backoff(cfg.max_password_failures, window, first, most, clock=clock),
+        Backoff(cfg.max_password_failures_per_ip, window, first, most, clock=clock))
+
+
 class Authority:
     """Issues and checks tokens and passwords against a :class:`Storage`.
 
     ``clock`` returns the current time in epoch seconds; tests pass a fake one.  Storage errors
     (notably :class:`~utesla_node.storage.StorageUnavailable`) propagate unchanged so the
-    caller answers "unavailable" rather than "unauthorized".
+    caller answers "unavailable" rather than "unauthorized".  ``limiter`` limits password
+    attempts (:func:`password_limiter`, with the default limits, when not given); its
+    ``refused`` counts and ``on_refused`` hook are there for the metrics.
     """
 
     def __init__(
@@ -425,10 +547,19 @@ class Authority:
         storage: Storage,
         token_expire: float = DEFAULT_TOKEN_EXPIRE,
         clock: Callable[[], float] = time.time,
+        limiter: AttemptLimiter | None = None,
     ):
         self.storage = storage
         self.token_expire = self._check_lifetime(token_expire)
         self.clock = clock
+        self.limiter = limiter if limiter is not None else password_limiter()
+        # Attempts waiting for one in flight of the same user or address to end.
+        self._waiters: dict[tuple[str, str], list[asyncio.Future]] = {}
+
+    @classmethod
+    def from_config(cls, storage: Storage, config: NodeConfig) -> Authority:
+        """The node's authority: token lifetime and password limits from ``config``."""
+        return cls(storage, config.token_expire, limiter=password_limiter(config))
 
     @staticmethod
     def _check_lifetime(seconds: float) -> float:
@@ -438,11 +569,47 @@ class Authority:
             raise ValueError("token lifetime must be a positive, finite number of seconds")
         return float(seconds)
 
-    async def check_password(self, user_name: str, password: str) -> User:
+    async def check_password(self, user_name: str, password: str,
+                             source: str | None = None) -> User:
         """The user, if ``password`` is theirs; otherwise :class:`Unauthorized`.
 
         Unknown users cost one scrypt run as well, and every failure carries the same message.
+        ``source`` is the client's address (``host:port`` as the session names its peer; None:
+        not limited per address).  While the user or the address is locked out after too many
+        failures, the attempt is refused at once with :class:`TooManyAttempts`, before any
+        scrypt run; while its attempts in flight use up what the limit leaves, it waits.
         """
+        await self._admit(user_name, source)
+        ok = None
+        try:
+            user = await self._verify(user_name, password)
+            ok = True
+            return user
+        except Unauthorized:
+            ok = False
+            raise
+        finally:
+            for key in self.limiter.done(user_name, source, ok):
+                for waiter in self._waiters.pop(key, ()):
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    async def _admit(self, user_name: str, source: str | None) -> None:
+        while True:
+            verdict = self.limiter.admit(user_name, source)
+            if verdict.action == "go":
+                return
+            if verdict.action == "refuse":
+                log.debug("password attempt of %r refused: %s locked out", user_name,
+                          verdict.key[0])
+                raise TooManyAttempts(verdict.key[0], verdict.retry_after)
+            # Attempts in flight hold what is left of the limit: wait for one to end (its
+            # outcome decides whether this one may go, or is refused).
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(verdict.key, []).append(waiter)
+            await waiter
+
+    async def _verify(self, user_name: str, password: str) -> User:
         try:
             _password_bytes(password)
         except (TypeError, ValueError):
@@ -450,10 +617,10 @@ class Authority:
             raise Unauthorized(_INVALID_CREDENTIALS) from None
         user = await self.storage.get_user(user_name)
         if user is None:
-            await dummy_verify(password)
+            await dummy_verify(password, owner=user_name)
             log.debug("password check failed: no user %r", user_name)
             raise Unauthorized(_INVALID_CREDENTIALS)
-        if not await verify_password(password, user.password_hash):
+        if not await verify_password(password, user.password_hash, owner=user_name):
             log.debug("password check failed: wrong password for %r", user_name)
             raise Unauthorized(_INVALID_CREDENTIALS)
         return user

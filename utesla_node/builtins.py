@@ -84,7 +84,8 @@ class Builtins:
         if expire is not None and not is_number(expire):
             raise BadRequest("argument 'expire' must be a number of seconds")
         try:
-            await self.authority.check_password(session.peer_user, password)
+            await self.authority.check_password(session.peer_user, password,
+                                                source=session.peer_address)
             token, record = await self.authority.issue_token(session.peer_user, scopes, expire)
         except auth.Unauthorized:
             self.metrics.incr("auth_failures")

@@ -80,6 +80,14 @@ class NodeConfig:
     #: ``token_cache_ttl`` + this many seconds ago keeps working (a revocation made
     #: elsewhere during the outage is seen when the database returns).  0: none.
     token_outage_grace: float = 300.0
+    #: Failed password attempts (``/_node/token``) per user, and per client address, within
+    #: ``password_failure_window`` seconds before further attempts are refused (429) for
+    #: ``password_backoff`` seconds, doubling with each lockout up to ``password_backoff_max``.
+    max_password_failures: int = 5
+    max_password_failures_per_ip: int = 20
+    password_failure_window: float = 300.0
+    password_backoff: float = 30.0
+    password_backoff_max: float = 900.0
     #: Gossip interval and link heartbeat, seconds.
     gossip_interval: float = 1.0
     heartbeat_interval: float = 5.0
@@ -208,6 +216,12 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "grace_period"): ("grace_period", _positive_float),
     ("server", "token_cache_ttl"): ("token_cache_ttl", _non_negative_float),
     ("server", "token_outage_grace"): ("token_outage_grace", _non_negative_float),
+    ("server", "max_password_failures"): ("max_password_failures", _bounded_int(1, 1_000_000)),
+    ("server", "max_password_failures_per_ip"): ("max_password_failures_per_ip",
+                                                 _bounded_int(1, 1_000_000)),
+    ("server", "password_failure_window"): ("password_failure_window", _positive_float),
+    ("server", "password_backoff"): ("password_backoff", _positive_float),
+    ("server", "password_backoff_max"): ("password_backoff_max", _positive_float),
     ("database", "url"): ("database_url", _str),
     ("database", "pool_size"): ("database_pool_size", _bounded_int(1, 1000)),
     ("crypt limits", "key_type"): ("key_type", _choice("ed25519", "rsa")),
@@ -296,6 +310,10 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> NodeConfi
                 except ValueError as exc:
                     raise ConfigError(f"{path}: [{section}] {key} = {value!r}: {exc}") from None
                 seen.add((name, key.lower()))
+        if cfg.password_backoff_max < cfg.password_backoff:
+            raise ConfigError(f"{path}: [server] password_backoff_max = "
+                              f"{cfg.password_backoff_max:g} is less than password_backoff = "
+                              f"{cfg.password_backoff:g}")
         if ("crypt limits", "rsa_key_length") in seen and ("crypt limits", "key_type") not in seen:
             # The original's node.ini sized the node's RSA key with rsa_key_length alone:
             # giving a size asks for RSA, as -bit_size does for generate_keys.

@@ -82,7 +82,7 @@ class Node:
                                        and "pool_size=" not in cfg.database_url else {}))
         await self.storage.open()
         log.info("database: %s", redact_url(cfg.database_url) or f"sqlite {cfg.data_dir}")
-        self.authority = auth.Authority(self.storage, cfg.token_expire)
+        self.authority = auth.Authority.from_config(self.storage, cfg)
         self.gate = Gate(self.storage, self.authority, self.metrics,
                          cache_ttl=cfg.token_cache_ttl, outage_grace=cfg.token_outage_grace)
         self.registry = await loop.run_in_executor(None, ServiceRegistry.load, cfg.services_dir)

@@ -154,8 +154,9 @@ async def test_hashing_concurrency_is_bounded(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(auth, "_scrypt", blocking_scrypt)
     tasks = [asyncio.create_task(hash_password("pw")) for _ in range(6)]
     assert await asyncio.to_thread(two_running.wait, 10)
-    # The others wait on the semaphore, in the event loop, not in the executor's queue.
-    assert auth._get_semaphore().locked()
+    # The others wait in the fair queue, in the event loop, not in the executor's queue.
+    pool = auth._get_pool()
+    assert pool.busy == 2 and pool.queued() == 4
     release.set()
     await asyncio.gather(*tasks)
     assert peak == 2
@@ -259,9 +260,9 @@ async def test_unknown_user_and_wrong_password_look_the_same(
     dummies: list[str] = []
     real_dummy = auth.dummy_verify
 
-    async def counting_dummy(password: str) -> None:
+    async def counting_dummy(password: str, **kw: Any) -> None:
         dummies.append(password)
-        await real_dummy(password)
+        await real_dummy(password, **kw)
 
     monkeypatch.setattr(auth, "dummy_verify", counting_dummy)
     with pytest.raises(Unauthorized) as wrong:
