@@ -17,7 +17,6 @@ flushes ``data_to_send()`` and drops the transport.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from . import messages as m
 from .crypto import PrivateKey, PublicKey
@@ -31,6 +30,7 @@ from .handshake import (AWAITS, MAX_HANDSHAKE_FRAME, MIN_RECORD, MIN_STREAMS, MI
                         PROLOGUE, PROTOCOL_VERSION, Handshake, Role, State, advance,
                         check_hello)
 from .record import RECORD_OVERHEAD, REKEY_AFTER, Opener, Sealer, seal_batches
+from .settings import Settings
 from .streams import Stream, StreamTable
 
 __all__ = ["Role", "Settings", "Connection", "PROTOCOL_VERSION", "PROLOGUE",
@@ -39,24 +39,6 @@ __all__ = ["Role", "Settings", "Connection", "PROTOCOL_VERSION", "PROLOGUE",
 
 #: Bytes of msgpack framing around a body in one DATA message, at most (SPEC.md §6.3).
 MESSAGE_OVERHEAD = 48
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What this side accepts and how it behaves; the peer learns the first three."""
-
-    #: Largest record (ciphertext + tag) this side accepts.
-    max_record: int = DEFAULT_MAX_RECORD
-    #: Initial credit per stream: body bytes the peer may send before a WINDOW.
-    window: int = 256 * 1024
-    #: Streams the peer may have open towards us at once.
-    max_streams: int = 256
-    #: Records per key before the implicit key update; both sides must agree.
-    rekey_after: int = REKEY_AFTER
-    #: Seconds from start until the handshake must have completed.
-    handshake_timeout: float = 10.0
-    #: "cryptography", "pycryptodome" or None for the fastest available.
-    aead_backend: str | None = None
 
 
 class Connection:

@@ -29,7 +29,7 @@ from .frame import frame, unpack
 from .record import Opener, Sealer, array_header, seal_one
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .connection import Settings
+    from .settings import Settings
 
 __all__ = ["Role", "State", "TRANSITIONS", "AWAITS", "advance", "check_hello", "Handshake",
            "PROTOCOL_VERSION", "PROLOGUE", "MIN_WINDOW", "MIN_RECORD", "MIN_STREAMS",

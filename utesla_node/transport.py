@@ -354,8 +354,9 @@ class Session(asyncio.Protocol):
             self.name = f"{peer[0]}:{peer[1]}" if peer else "?"
         if self.admit is not None and not self.admit(self):
             self.transport = None           # never started: nothing to close but this
-            transport.close()
+            self.ready.cancel()
             self.closed.set_result(ConnectionLost("refused"))
+            transport.close()
             return
         self.start()
 
@@ -404,6 +405,10 @@ class Session(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:          # refused at admission: never a session
+            if not self.lost.done():
+                self.lost.set_result(None)
+            return
         if exc is not None and not isinstance(exc, ConnectionLost):
             exc = ConnectionLost(f"connection lost: {exc}")
         self._terminate(exc or self.close_reason or ConnectionLost("connection closed"))
