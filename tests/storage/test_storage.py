@@ -458,12 +458,18 @@ class _Proxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """Cut every relayed connection, then wait for the listener to be gone.
+
+        The order matters: since Python 3.12.1 ``Server.wait_closed()`` waits until every
+        connection the server accepted has closed, so awaiting it before aborting them never
+        returns (issue 16: this test hung to the pytest timeout on 3.13).
+        """
         assert self._server is not None
         self._server.close()
-        await self._server.wait_closed()
         for writer in list(self._writers):
             writer.transport.abort()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -476,6 +482,11 @@ class _Proxy:
             writer.transport.abort()
             return
         self._writers.add(up_writer)
+        if self._server is None or not self._server.is_serving():
+            # stop() ran while this connection was being set up: it missed these writers.
+            up_writer.transport.abort()
+            writer.transport.abort()
+            return
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
