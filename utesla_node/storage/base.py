@@ -2,7 +2,9 @@
 
 Everything the node persists (users, access tokens, network peers) goes through the abstract
 :class:`Storage` below, so the two backends can be swapped by configuration and exercised by one
-test suite.  Design rules every backend follows:
+test suite.  Its SQL and rules are written once in :mod:`.sql`; :mod:`.sqlite` and
+:mod:`.mariadb` hold only what differs (a dialect, the schema DDL, connections, and the
+translation of driver errors).  Design rules every backend follows:
 
 * **No clock inside storage.**  Methods that depend on time take ``now`` from the caller, so the
   auth layer and the tests decide what "now" is.
@@ -204,7 +206,7 @@ class Peer:
         object.__setattr__(self, "created_at", check_time(self.created_at, "created_at"))
 
 
-# --------------------------------------------------------------------------- helpers for backends
+# --------------------------------------------------------------------------- checks for backends
 
 def valid_key(value: object, max_len: int) -> bool:
     """Whether ``value`` could be a stored key at all.

@@ -87,10 +87,12 @@ class Dialect:
         assert max(self.schema) == SCHEMA_VERSION
 
     def stmt(self, want: str, sql: str, *args: Any) -> Stmt:
+        """``sql``, written with ``?``, in this dialect; ``bytes`` arguments as it takes them."""
         if self.param == "?" and self.blob_param == "?":
             return Stmt(sql, args, want)
         pieces = sql.split("?")
-        assert len(pieces) == len(args) + 1, sql
+        if len(pieces) != len(args) + 1:
+            raise ValueError(f"{len(args)} arguments for {len(pieces) - 1} placeholders: {sql}")
         parts, values = [pieces[0]], []
         for arg, piece in zip(args, pieces[1:]):
             blob = isinstance(arg, bytes)
