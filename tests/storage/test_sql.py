@@ -71,3 +71,19 @@ def test_translated_maps_only_the_drivers_errors() -> None:
     with pytest.raises(AlreadyExists):  # already a storage error: passes unchanged
         with translated(translate):
             raise AlreadyExists("x")
+
+
+def test_package_surface_is_unchanged() -> None:
+    # Other modules import these from utesla_node.storage; the SQL layer is an internal detail.
+    import utesla_node.storage as storage
+
+    assert set(storage.__all__) == {
+        "open_storage", "redact_url", "Storage", "SQLiteStorage", "MariaDBStorage", "User",
+        "Token", "Peer", "SCHEMA_VERSION", "MAX_NAME_LEN", "MAX_URL_LEN", "StorageError",
+        "StorageUnavailable", "AlreadyExists", "NoSuchEntry", "TokenLimitReached",
+        "SchemaTooNew", "PASSWORD_ENV",
+    }
+    for name in storage.__all__:
+        assert getattr(storage, name) is not None
+    assert issubclass(storage.MariaDBStorage, storage.Storage)
+    assert issubclass(storage.SQLiteStorage, storage.Storage)
