@@ -30,7 +30,8 @@ def test_mariadb_placeholders_and_bytes_travel_as_hex() -> None:
 
 def test_upserts() -> None:
     cols = ("url", "token", "priority")
-    assert SQLITE.insert("peers", cols) == "INSERT INTO peers (url, token, priority) VALUES (?, ?, ?)"
+    plain = "INSERT INTO peers (url, token, priority) VALUES (?, ?, ?)"
+    assert SQLITE.insert("peers", cols) == MARIADB.insert("peers", cols) == plain
     assert SQLITE.insert("peers", cols, overwrite=True).endswith(
         "VALUES (?, ?, ?) ON CONFLICT(url) DO UPDATE SET "
         "token = excluded.token, priority = excluded.priority")

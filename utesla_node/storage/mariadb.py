@@ -244,7 +244,8 @@ class MariaDBStorage(SQLStorage):
         try:
             with translated(_translate_in_use):
                 async with conn.cursor() as cur:
-                    result = await drive_async(plan(DIALECT, *args), functools.partial(_execute, cur))
+                    execute = functools.partial(_execute, cur)
+                    result = await drive_async(plan(self.dialect, *args), execute)
                 await conn.commit()
         except BaseException as exc:
             if isinstance(exc, StorageUnavailable) or not isinstance(exc, Exception):

@@ -182,7 +182,7 @@ class SQLiteStorage(SQLStorage):
         executor = self._reader if reader else self._executor
         if executor is None:
             raise StorageUnavailable("storage is not open")
-        call = functools.partial(self._call, reader, write, plan(DIALECT, *args))
+        call = functools.partial(self._call, reader, write, plan(self.dialect, *args))
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, call)
         except RuntimeError as exc:
@@ -252,8 +252,8 @@ class SQLiteStorage(SQLStorage):
             log.warning("sqlite database %s is in %s journal mode, not WAL", self.path, mode)
         # Fast path: an up-to-date database needs no write lock, so opening works while
         # another process is writing, and on a database we can only read.
-        if _drive(conn, schema_version(DIALECT)) != SCHEMA_VERSION:
-            _in_transaction(conn, migrate(DIALECT, self.path))
+        if _drive(conn, schema_version(self.dialect)) != SCHEMA_VERSION:
+            _in_transaction(conn, migrate(self.dialect, self.path))
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None
