@@ -117,6 +117,32 @@ async def test_credential_change_revokes_tokens(storage: Storage, change: str) -
     assert [t.revoked for t in await storage.list_tokens("bob")] == [False]
 
 
+@pytest.mark.parametrize("change", ["password", "public_key"])
+async def test_credential_change_refuses_what_a_user_record_refuses(
+    storage: Storage, change: str
+) -> None:
+    # A value User() would refuse must not reach the table: reading the user back would fail.
+    await storage.add_user(user("alice"))
+    await storage.add_token(token("alice"), limit=0, now=T0)
+    set_it = storage.set_password if change == "password" else storage.set_public_key
+    for bad in ("", "x" * 70_000, "nul\x00byte"):
+        with pytest.raises(ValueError):
+            await set_it("alice", bad)
+    with pytest.raises(TypeError):
+        await set_it("alice", b"bytes")  # type: ignore[arg-type]
+    assert await must_user(storage, "alice") == user("alice")
+    assert [t.revoked for t in await storage.list_tokens("alice")] == [False]
+
+
+async def test_duplicates_name_the_entry(storage: Storage) -> None:
+    await storage.add_user(user("alice"))
+    with pytest.raises(AlreadyExists, match="user 'alice' already exists"):
+        await storage.add_user(user("alice"))
+    await storage.add_peer(peer("utesla://b:1"))
+    with pytest.raises(AlreadyExists, match="peer 'utesla://b:1' already exists"):
+        await storage.add_peer(peer("utesla://b:1"))
+
+
 async def test_unknown_user_raises_no_such_entry(storage: Storage) -> None:
     with pytest.raises(NoSuchEntry):
         await storage.set_password("ghost", "x")
@@ -203,6 +229,80 @@ async def test_concurrent_issuers_cannot_exceed_the_limit(storage: Storage) -> N
     assert sum(r is None for r in results) == 3
     assert all(isinstance(r, TokenLimitReached) for r in results if r is not None)
     assert len(await storage.list_tokens("alice")) == 3
+
+
+@pytest.mark.parametrize("bad", ["1", None, True, float("nan"), float("inf")])
+async def test_now_must_be_a_finite_number(storage: Storage, bad: object) -> None:
+    # Storage has no clock, so a wrong "now" would silently count or purge the wrong tokens.
+    await storage.add_user(user("alice", token_limit=0))
+    error = ValueError if isinstance(bad, float) else TypeError
+    with pytest.raises(error):
+        await storage.add_token(token("alice"), limit=1, now=bad)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        await storage.purge_expired(bad)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        await storage.renew_token(token("alice").token_hash, bad)  # type: ignore[arg-type]
+    assert await storage.list_tokens("alice") == []
+
+
+async def test_tokens_are_listed_oldest_first(storage: Storage) -> None:
+    await storage.add_user(user("alice", token_limit=0))
+    made = [token("alice", str(i), created=T0 + (i % 3)) for i in range(7)]
+    for tok in made:
+        await storage.add_token(tok, limit=0, now=T0)
+    listed = await storage.list_tokens("alice")
+    assert listed == sorted(made, key=lambda t: (t.created_at, t.token_hash))
+
+
+async def test_issuers_on_two_storages_cannot_exceed_the_limit(backend: Backend) -> None:
+    # Two nodes (or a node and utesla-cli) on one database: the limit holds across connections.
+    async with backend.make() as one, backend.make() as two:
+        await one.add_user(user("alice", token_limit=2))
+        results = await asyncio.gather(
+            *((one, two)[i % 2].add_token(token("alice", str(i)), limit=2, now=T0)
+              for i in range(10)),
+            return_exceptions=True,
+        )
+        assert sum(r is None for r in results) == 2
+        assert all(isinstance(r, TokenLimitReached) for r in results if r is not None)
+        assert len(await two.list_tokens("alice")) == 2
+
+
+async def test_delete_user_racing_add_token_leaves_no_orphans(backend: Backend) -> None:
+    # delete_user takes the user row before the tokens, as add_token does: no deadlock, and
+    # a token is either refused (NoSuchEntry) or deleted with its user.
+    async with backend.make() as one, backend.make() as two:
+        for round_ in range(3):
+            await one.add_user(user("alice", token_limit=0))
+            results = await asyncio.gather(
+                *(two.add_token(token("alice", f"{round_}/{i}"), limit=0, now=T0)
+                  for i in range(6)),
+                one.delete_user("alice"),
+                return_exceptions=True,
+            )
+            assert results[-1] is True
+            assert all(r is None or isinstance(r, NoSuchEntry) for r in results[:-1])
+            assert await two.get_user("alice") is None
+            assert await two.list_tokens("alice") == []
+            assert backend.execute("SELECT COUNT(*) FROM tokens") == [(0,)]
+
+
+async def test_cancelled_operations_leave_the_storage_usable(storage: Storage) -> None:
+    await storage.add_user(user("alice", token_limit=0))
+    made = [token("alice", str(i)) for i in range(5)]
+    tasks = [asyncio.create_task(storage.add_token(t, limit=0, now=T0)) for t in made]
+    await asyncio.sleep(0)  # one turn: the operations are under way, not finished
+    for task in tasks:
+        task.cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    after = token("alice", "after")
+    await storage.add_token(after, limit=0, now=T0)  # SQLite: queued behind the cancelled ones
+    # A cancelled operation may still have completed, but whole: each token is stored
+    # exactly as given or not at all, and the storage carries on.
+    kept = set(await storage.list_tokens("alice"))
+    assert after in kept and kept <= {after, *made}
+    assert {t for t, r in zip(made, done) if r is None} <= kept
+    await storage.ping()
 
 
 async def test_revoke_renew_delete_purge(storage: Storage) -> None:
@@ -458,12 +558,18 @@ class _Proxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """Cut every relayed connection, then wait for the listener to be gone.
+
+        The order matters: since Python 3.12.1 ``Server.wait_closed()`` waits until every
+        connection the server accepted has closed, so awaiting it before aborting them never
+        returns (issue 16: this test hung to the pytest timeout on 3.13).
+        """
         assert self._server is not None
         self._server.close()
-        await self._server.wait_closed()
         for writer in list(self._writers):
             writer.transport.abort()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -476,6 +582,11 @@ class _Proxy:
             writer.transport.abort()
             return
         self._writers.add(up_writer)
+        if self._server is None or not self._server.is_serving():
+            # stop() ran while this connection was being set up: it missed these writers.
+            up_writer.transport.abort()
+            writer.transport.abort()
+            return
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:

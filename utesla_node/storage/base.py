@@ -2,7 +2,9 @@
 
 Everything the node persists (users, access tokens, network peers) goes through the abstract
 :class:`Storage` below, so the two backends can be swapped by configuration and exercised by one
-test suite.  Design rules every backend follows:
+test suite.  Its SQL and rules are written once in :mod:`.sql`; :mod:`.sqlite` and
+:mod:`.mariadb` hold only what differs (a dialect, the schema DDL, connections, and the
+translation of driver errors).  Design rules every backend follows:
 
 * **No clock inside storage.**  Methods that depend on time take ``now`` from the caller, so the
   auth layer and the tests decide what "now" is.
@@ -20,7 +22,6 @@ test suite.  Design rules every backend follows:
 from __future__ import annotations
 
 import abc
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ SCHEMA_VERSION = 1
 MAX_NAME_LEN = 255
 #: Longest peer URL (characters).
 MAX_URL_LEN = 512
+#: Longest password hash, and longest public key PEM (MariaDB's TEXT holds 65535 bytes).
+MAX_PASSWORD_HASH_LEN = 1024
+MAX_PUBLIC_KEY_LEN = 65535
 #: Tokens are stored only as their SHA-256.
 TOKEN_HASH_LEN = 32
 
@@ -98,7 +102,7 @@ class SchemaTooNew(StorageError):
 
 # --------------------------------------------------------------------------- records
 
-def _check_text(value: object, what: str, max_len: int) -> None:
+def check_text(value: object, what: str, max_len: int) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, not {type(value).__name__}")
     if not value:
@@ -153,9 +157,9 @@ class User:
     created_at: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_text(self.name, "user name", MAX_NAME_LEN)
-        _check_text(self.password_hash, "password hash", 1024)
-        _check_text(self.public_key, "public key", 65535)
+        check_text(self.name, "user name", MAX_NAME_LEN)
+        check_text(self.password_hash, "password hash", MAX_PASSWORD_HASH_LEN)
+        check_text(self.public_key, "public key", MAX_PUBLIC_KEY_LEN)
         check_int32(self.token_limit, "token_limit", minimum=0)
         object.__setattr__(self, "guest", bool(self.guest))
         _freeze_scopes(self, self.scopes)
@@ -177,7 +181,7 @@ class Token:
         if not valid_hash(self.token_hash):
             raise ValueError(f"token_hash must be {TOKEN_HASH_LEN} bytes")
         object.__setattr__(self, "token_hash", bytes(self.token_hash))
-        _check_text(self.user, "user name", MAX_NAME_LEN)
+        check_text(self.user, "user name", MAX_NAME_LEN)
         object.__setattr__(self, "created_at", check_time(self.created_at, "created_at"))
         object.__setattr__(self, "expires_at", check_time(self.expires_at, "expires_at"))
         _freeze_scopes(self, self.scopes)
@@ -205,31 +209,15 @@ class Peer:
     created_at: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_text(self.url, "peer url", MAX_URL_LEN)
-        _check_text(self.public_key, "public key", 65535)
-        _check_text(self.user, "peer user name", MAX_NAME_LEN)
-        _check_text(self.token, "peer token", 1024)
+        check_text(self.url, "peer url", MAX_URL_LEN)
+        check_text(self.public_key, "public key", MAX_PUBLIC_KEY_LEN)
+        check_text(self.user, "peer user name", MAX_NAME_LEN)
+        check_text(self.token, "peer token", 1024)
         check_int32(self.priority, "priority")
         object.__setattr__(self, "created_at", check_time(self.created_at, "created_at"))
 
 
-# --------------------------------------------------------------------------- helpers for backends
-
-def encode_scopes(scopes: tuple[str, ...]) -> str:
-    """Serialise scopes for a TEXT column (JSON keeps it unambiguous whatever the globs hold)."""
-    return json.dumps(list(scopes), separators=(",", ":"))
-
-
-def decode_scopes(text: str) -> tuple[str, ...]:
-    """Inverse of :func:`encode_scopes`; a damaged value is a storage error, not a crash."""
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError) as exc:
-        raise StorageError(f"corrupt scopes column: {text!r}") from exc
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise StorageError(f"corrupt scopes column: {text!r}")
-    return tuple(value)
-
+# --------------------------------------------------------------------------- checks for backends
 
 def valid_key(value: object, max_len: int) -> bool:
     """Whether ``value`` could be a stored key at all.
@@ -245,28 +233,6 @@ def valid_hash(value: object) -> bool:
 
 
 # --------------------------------------------------------------------------- the interface
-
-# Rows in the column order both backends select (name, password_hash, public_key, ...).
-
-def user_from_row(row: tuple) -> User:
-    return User(
-        name=row[0], password_hash=row[1], public_key=row[2], token_limit=row[3],
-        guest=bool(row[4]), scopes=decode_scopes(row[5]), created_at=row[6],
-    )
-
-
-def token_from_row(row: tuple) -> Token:
-    return Token(
-        token_hash=bytes(row[0]), user=row[1], created_at=row[2], expires_at=row[3],
-        scopes=decode_scopes(row[4]), revoked=bool(row[5]),
-    )
-
-
-def peer_from_row(row: tuple) -> Peer:
-    return Peer(
-        url=row[0], public_key=row[1], user=row[2], token=row[3], priority=row[4],
-        created_at=row[5],
-    )
 
 class Storage(abc.ABC):
     """Asynchronous persistence for users, tokens and peers.
