@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[set[str]] = [
     {"protocol"},                                                     # sans-IO
     {"utesla_node.errors", "utesla_node.rules", "utesla_node.logs", "utesla_node.metrics",
-     "utesla_node.graph", "utesla_node.ratelimit", "utesla_node.version"},
+     "utesla_node.graph", "utesla_node.ratelimit", "utesla_node.version", "utesla_node.timers",
+     "utesla_node.eager"},
     {"utesla_node.config", "utesla_node.keys", "utesla_node.storage", "utesla_node.status"},
     {"utesla_node.auth", "utesla_node.services", "utesla_node.transport"},
     {"utesla_node.gate", "utesla_node.response", "utesla_node.client", "utesla_node.admin"},

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 from protocol.errors import (MethodNotAllowed, NotFound, RequestTimeout,
                              Status, StatusError)
 
+from . import eager
 from .builtins import Builtins
 from .errors import status_error
 from .gate import Gate
@@ -31,6 +32,7 @@ from .metrics import Metrics
 from .response import RequestContext, ResponseWriter
 from .rules import BUILTIN_PREFIX, LONG_LIVED, check_envelope, request_timeout
 from .services import METHODS, ServiceRegistry, split_path
+from .timers import Deadlines
 from .transport import ConnectionLost, Session, Stream
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,11 +62,12 @@ class Dispatcher:
         self.router = router
         self.inflight = 0
         self.stopping = False
+        self.deadlines: Deadlines | None = None     # made on the first request (its loop)
 
     # -------------------------------------------------------------- books
 
     def finished(self, session: Session, stream: Stream, status: int, sent: int, t0: float,
-                 forwarded: bool, counted: bool = True) -> None:
+                 forwarded: bool, counted: bool = True, lone: bool = False) -> None:
         """A request is over: metrics, log line, in-flight count, its stream freed."""
         req = stream.request
         if counted:
@@ -74,67 +77,104 @@ class Dispatcher:
         if log.isEnabledFor(logging.INFO):
             log.info("%s %s %s -> %d %dB %.1fms", session.peer_user, req.method, req.path,
                      status, sent, elapsed * 1000)
-        session.request_done(stream, lone=not forwarded)
+        session.request_done(stream, lone=lone)
 
-    # -------------------------------------------------------------- without a task
+    # -------------------------------------------------------------- from the read loop
 
     def accept(self, session: Session, stream: Stream) -> bool:
-        """Forward ``stream``'s request from the read loop if nothing has to wait; False
-        leaves it to :meth:`serve` in a task (which then checks everything itself)."""
-        router = self.router
+        """Take ``stream``'s request from the read loop when its token is in the gate's
+        cache: a local handler runs at once (a task only if it waits), a remote service
+        is forwarded at once.  False leaves it to :meth:`serve` in a task, which checks
+        everything itself and reports what is wrong."""
         req = stream.request
-        if router is None or self.stopping or req.path.startswith(BUILTIN_PREFIX):
+        if self.stopping or req.path.startswith(BUILTIN_PREFIX):
             return False
         try:
             parts = split_path(req.path)
-            if self.registry().resolve(parts) is not None:
-                return False                                # served here
             user = self.gate.authorize_now(session.peer_user, req.token, "/".join(parts))
             if user is None:
                 return False
             visited, hops = check_envelope(req.envelope, self.node_id, self.max_hops)
         except StatusError:
             return False                                    # serve() reports it
+        resolved = self.registry().resolve(parts)
         t0 = time.monotonic()
-        deadline = t0 + request_timeout(self.timeout, req.envelope)
+        timeout = request_timeout(self.timeout, req.envelope)
+        if resolved is None:
+            router = self.router
+            if router is None:
+                return False
+            self.inflight += 1
+            if router.forward(session, stream, parts, user.name, visited, hops, t0,
+                              t0 + timeout, now=True):
+                return True
+            self.inflight -= 1
+            return False
+        service, rest = resolved
+        method = req.method.lower()
+        if method not in METHODS or not callable(getattr(service.handler, method, None)):
+            return False                                    # serve() says 405
+        writer = ResponseWriter(session, stream, defer_kick=True)
         self.inflight += 1
-        if router.forward(session, stream, parts, user.name, visited, hops, t0, deadline,
-                          now=True):
-            return True
-        self.inflight -= 1
-        return False
+        entry = self._deadline(session, stream, writer, timeout)
+        task = eager.start(session.loop, self._run(
+            session, stream, writer, t0, timeout, entry, self._call_handler,
+            (writer, service, rest, user.name, method)))
+        if task is not None:                                # it waits: a task goes on
+            stream.task = task
+            session.tasks.add(task)
+            task.add_done_callback(session.tasks.discard)
+            writer.suspended()
+        return True
 
     # -------------------------------------------------------------- in a task
 
     async def serve(self, session: Session, stream: Stream) -> bool:
-        """Serve ``stream`` in the current task; True when a forward took it over (it
-        reports the end itself)."""
+        """Serve ``stream`` in the current task (:meth:`accept` declined it); True when
+        a forward took it over (it reports the end itself)."""
         req = stream.request
         t0 = time.monotonic()
         writer = ResponseWriter(session, stream)
-        task = asyncio.current_task()
-        timed_out = False
-
-        def on_deadline() -> None:
-            nonlocal timed_out
-            timed_out = True
-            task.cancel()
-
         timeout = request_timeout(self.timeout, req.envelope)
         long_lived = req.path in LONG_LIVED
-        timer = None
+        entry = None
         if not long_lived:
-            timer = session.loop.call_later(timeout, on_deadline)
-            stream.deadline = t0 + timeout
             self.inflight += 1
+            entry = self._deadline(session, stream, writer, timeout)
+        return await self._run(session, stream, writer, t0, timeout, entry, self._route,
+                               (session, stream, writer, t0, t0 + timeout), not long_lived,
+                               lone=True)
+
+    def _deadline(self, session: Session, stream: Stream, writer: ResponseWriter,
+                  timeout: float):
+        """The request's deadline, in the node's timer wheel: the task serving it (there
+        is one whenever a deadline can pass: running code is never interrupted) is
+        cancelled and answers 408."""
+        stream.deadline = time.monotonic() + timeout
+
+        def expired() -> None:
+            writer.timed_out = True
+            task = stream.task
+            if task is not None:
+                task.cancel()
+
+        if self.deadlines is None:
+            self.deadlines = Deadlines(session.loop)
+        return self.deadlines.add(session.loop.time() + timeout, expired)
+
+    async def _run(self, session: Session, stream: Stream, writer: ResponseWriter, t0: float,
+                   timeout: float, entry, work, args: tuple, counted: bool = True,
+                   lone: bool = False) -> bool:
+        """``await work(*args)`` and answer: a request's life and the one place its
+        errors become its answer.  True when a forward took the request over."""
         handed_over = False
         try:
             try:
-                handed_over = await self._route(session, stream, writer, t0, t0 + timeout)
+                handed_over = await work(*args)
                 if not handed_over:
                     await writer.finish()
             except asyncio.CancelledError:
-                if not timed_out:
+                if not writer.timed_out:
                     if self.stopping:
                         raise StatusError("the node is shutting down", Status.UNAVAILABLE)
                     raise
@@ -147,12 +187,19 @@ class Dispatcher:
         except Exception as exc:
             await self._report(session, writer, exc)
         finally:
-            if timer is not None:
-                timer.cancel()
+            if entry is not None:
+                self.deadlines.cancel(entry)
             if not handed_over:
                 self.finished(session, stream, writer.status, writer.sent, t0, False,
-                              counted=not long_lived)
+                              counted=counted, lone=lone)
         return handed_over
+
+    async def _call_handler(self, writer: ResponseWriter, service, rest: list[str],
+                            user: str, method: str) -> bool:
+        handler = service.handler_for(
+            RequestContext(writer, user, rest, self.service_view, self.max_body))
+        await getattr(handler, method)()
+        return False
 
     async def _report(self, session: Session, writer: ResponseWriter, exc: Exception) -> None:
         err = status_error(exc)
@@ -189,7 +236,4 @@ class Dispatcher:
         method = req.method.lower()
         if method not in METHODS or not callable(getattr(service.handler, method, None)):
             raise MethodNotAllowed(f"{req.method} not allowed on {service.path}")
-        handler = service.handler_for(
-            RequestContext(writer, user.name, rest, self.service_view, self.max_body))
-        await getattr(handler, method)()
-        return False
+        return await self._call_handler(writer, service, rest, user.name, method)

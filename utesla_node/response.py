@@ -31,9 +31,9 @@ class ResponseWriter:
     """
 
     __slots__ = ("session", "stream", "status", "headers", "started", "finished", "_stash",
-                 "_kick", "sent", "forwarded")
+                 "_kick", "sent", "forwarded", "timed_out", "_defer")
 
-    def __init__(self, session: Session, stream: Stream):
+    def __init__(self, session: Session, stream: Stream, defer_kick: bool = False):
         self.session = session
         self.stream = stream
         self.status = Status.OK
@@ -44,6 +44,10 @@ class ResponseWriter:
         self._kick: asyncio.Handle | None = None
         self.sent = 0
         self.forwarded = False          # set when another node is answering (§9.4)
+        self.timed_out = False          # set by the request's deadline
+        #: Run eagerly (dispatch.accept): the first write waits for the handler to return
+        #: or to suspend (``suspended()``), not for a loop turn: no callback to schedule.
+        self._defer = defer_kick
 
     def set_status(self, status: int) -> None:
         if self.started:
@@ -65,10 +69,15 @@ class ResponseWriter:
     def _send_stash(self) -> None:
         self._cancel_kick()
         if self._stash is not None and not self.started:
-            body, self._stash = self._stash, None
-            self.started = True
-            # A False return (the client went away) is learnt by the handler's next write.
-            self.session.respond_now(self.stream, self.status, self.headers, body, end=False)
+            session, stream = self.session, self.stream
+            if session.respond_now(stream, self.status, self.headers, self._stash, end=False):
+                self._stash = None
+                self.started = True
+            elif not session.stream_open(stream):
+                self._stash = None      # the client went away: the next write learns it
+                self.started = True
+            # else: it does not fit one message (small records, large headers): the next
+            # write or finish() sends it in pieces.
 
     async def write(self, data) -> None:
         """Send ``data``: bytes as they are, str as UTF-8, a dict or list as JSON."""
@@ -83,20 +92,23 @@ class ResponseWriter:
             await self.session.drain_if_needed()   # back-pressure for first writes too
         if not self.started and self._stash is None and len(data) <= FIRST_WRITE_DEFER:
             self._stash = data
-            self._kick = self.session.loop.call_soon(self._send_stash)
+            if not self._defer:
+                self._kick = self.session.loop.call_soon(self._send_stash)
             return
         self._send_stash()
         if not self.started:
             self.started = True
+            if self._stash is not None:
+                data, self._stash = self._stash + data, None
             await self.session.respond(self.stream, self.status, self.headers, data, end=False)
         else:
             await self.stream.send_body(data)
 
-    def stash(self, body: bytes) -> None:
-        """Hold ``body`` as the whole answer, sent by :meth:`finish` (a relayed answer
-        that came in one message)."""
-        self.sent += len(body)
-        self._stash = body or None
+    def suspended(self) -> None:
+        """The handler run eagerly has to wait: what it wrote goes now, and later first
+        writes are held for a loop turn as usual."""
+        self._defer = False
+        self._send_stash()
 
     def _encode(self, data) -> bytes:
         if isinstance(data, str):
