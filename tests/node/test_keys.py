@@ -1,4 +1,5 @@
-"""``keys.write_atomic``: mode from the start, atomic replace, when it fsyncs, and what a failed fsync means."""
+"""``keys.write_atomic``: mode from the start, atomic replace, when it fsyncs, and what
+a failed fsync of the folder means."""
 from __future__ import annotations
 
 import errno
