@@ -267,7 +267,9 @@ class Client:
         """Send a request and read the whole answer.
 
         With ``check`` (the default) a non-2xx status raises its exception
-        (:class:`~protocol.errors.NotFound`, ``Unauthorized``, ...).
+        (:class:`~protocol.errors.NotFound`, ``Unauthorized``, ...).  ``timeout`` (default:
+        the client's) covers, as one deadline, any wait for a free stream slot on the
+        connection and the whole answer; :class:`RequestTimeout` when it runs out.
         """
         timeout = self.timeout if timeout is ... else timeout
         limit = _TimeLimit(timeout, method, path)
@@ -300,8 +302,9 @@ class Client:
                      timeout: float | None = ..., check: bool = True):
         """``async with client.stream("GET", "/big") as resp: async for chunk in resp``.
 
-        ``timeout`` limits the wait for the head (and, with ``check``, for the body of an
-        error answer), then each wait for a chunk.
+        ``timeout`` limits, as one deadline, the wait for a free stream slot (when the
+        node's per-connection stream limit is reached) and for the head (and, with
+        ``check``, for the body of an error answer); then each wait for a chunk.
         """
         timeout = self.timeout if timeout is ... else timeout
         limit = _TimeLimit(timeout, method, path)
