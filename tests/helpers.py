@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -131,35 +133,60 @@ def run_cli(*args, cwd=None, input=None, timeout=60, check=True, env=None):
 
 
 class NodeProcess:
-    """``utesla-node`` as a subprocess in ``folder``; waits for its 'listening' line."""
+    """``utesla-node`` as a subprocess in ``folder``; waits for its 'listening' line.
 
-    def __init__(self, folder: Path, *args, env=None):
+    ``program`` replaces the ``utesla-node`` command (a list: executable and its first
+    arguments), for testing this helper with a child that misbehaves.
+    """
+
+    def __init__(self, folder: Path, *args, env=None, program: list | None = None):
         self.folder = Path(folder)
         self.args = args
         self.env = env
+        self.program = [str(p) for p in program] if program else [str(BIN / "utesla-node")]
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.lines: list[str] = []
 
     def start(self, timeout: float = 30.0) -> "NodeProcess":
+        """Start the child and wait, at most ``timeout`` seconds whatever it does, for its
+        'listening' line and the line after it (the node key).
+
+        The child's stdout is read by a thread that stops after those lines, so this wait
+        can give up on a child that prints nothing, or half a line, and never exits (a
+        ``readline()`` here would block past any limit); such a child is killed.  Once
+        this returns, ``proc.stdout`` is the caller's alone.
+        """
         # The child gets its own descriptor for the log: ours is closed once it is spawned
         # (also when spawning fails), so no handle outlives start().
         with open(self.folder / "node.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [str(BIN / "utesla-node"), *map(str, self.args)], cwd=self.folder,
+                [*self.program, *map(str, self.args)], cwd=self.folder,
                 stdout=subprocess.PIPE, stderr=log, text=True,
                 env={**os.environ, **(self.env or {})})
+        lines: queue.SimpleQueue = queue.SimpleQueue()
+        reader = threading.Thread(target=_read_banner, args=(self.proc.stdout, lines),
+                                  name=f"NodeProcess {self.folder.name} stdout", daemon=True)
+        reader.start()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()          # its stdout closes: the reader sees the end
+                self.proc.wait()
+                reader.join(5)
+                raise AssertionError(f"node did not start within {timeout:g} s (killed); "
+                                     f"it printed {self.lines!r}; log: {self.log()}") from None
+            if line is None:
+                reader.join()
                 raise AssertionError(f"node exited early: {self.log()}")
             self.lines.append(line)
+            if self.port is not None:     # the line after 'listening': the node key
+                reader.join()             # it stopped reading there: proc.stdout is ours
+                return self
             if "listening on utesla://" in line:
                 self.port = int(line.rsplit(":", 1)[1])
-                self.lines.append(self.proc.stdout.readline())
-                return self
-        raise AssertionError("node did not start in time")
 
     def log(self) -> str:
         try:
@@ -183,6 +210,18 @@ class NodeProcess:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError("node did not stop in time")
+
+
+def _read_banner(stdout, lines: "queue.SimpleQueue") -> None:
+    """Thread body for :meth:`NodeProcess.start`: pass each line of ``stdout`` on, up to
+    the one after the 'listening' line; ``None`` at end of file."""
+    listening = False
+    for line in iter(stdout.readline, ""):
+        lines.put(line)
+        if listening:
+            return
+        listening = "listening on utesla://" in line
+    lines.put(None)
 
 
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):

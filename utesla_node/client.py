@@ -90,7 +90,7 @@ class ResponseStream:
         self.headers = headers
         self._timeout = timeout
         if limit is None:
-            limit = _TimeLimit(stream, timeout)
+            limit = _TimeLimit(timeout, stream=stream)
         limit.idle = True
         self._limit = limit
 
@@ -202,7 +202,9 @@ class Client:
     # -------------------------------------------------------------- requests
 
     async def _open(self, method: str, path: str, args, body, headers, token,
-                    envelope=None) -> Stream:
+                    limit: "_TimeLimit", envelope=None) -> Stream:
+        """Send the request; ``limit`` (the request's time limit) covers any wait for a
+        stream slot and is bound to the stream opened, which its expiry resets."""
         if not path.startswith("/"):
             path = "/" + path
         _check_request_line(method, path)
@@ -211,23 +213,25 @@ class Client:
             body = body.encode()
         first, rest = b"", None
         if isinstance(body, (bytes, bytearray, memoryview)):
-            limit = session.first_body_limit
-            first, rest = bytes(body[:limit]), bytes(body[limit:])
+            chunk = session.first_body_limit
+            first, rest = bytes(body[:chunk]), bytes(body[chunk:])
         elif body is not None and not hasattr(body, "__aiter__") and not hasattr(body, "read"):
             raise TypeError("body must be bytes, str, a file object or an async iterable")
         streaming = rest is None
         end = not streaming and not rest
+        token = self.token if token is None else (token or None)
         if not session.stream_slots:
-            await session.wait_stream_slot()      # the node's stream limit: queue here
+            await limit.wait_stream_slot(session)    # the node's stream limit: queue here
         try:
-            stream = session.open_stream(method, path, token=self.token if token is None else (token or None), args=args,
+            stream = session.open_stream(method, path, token=token, args=args,
                                          headers=headers, body=first, end=end,
                                          envelope=envelope)
         except ConnectionLost:
             session = await self.connect()     # the old one went away: one fresh try
-            stream = session.open_stream(method, path, token=self.token if token is None else (token or None), args=args,
+            stream = session.open_stream(method, path, token=token, args=args,
                                          headers=headers, body=first, end=end,
                                          envelope=envelope)
+        limit.stream = stream
         if not end:
             asyncio.get_running_loop().create_task(self._upload(stream, rest if not streaming
                                                                 else body))
@@ -262,12 +266,15 @@ class Client:
         """Send a request and read the whole answer.
 
         With ``check`` (the default) a non-2xx status raises its exception
-        (:class:`~protocol.errors.NotFound`, ``Unauthorized``, ...).
+        (:class:`~protocol.errors.NotFound`, ``Unauthorized``, ...).  ``timeout`` (default:
+        the client's) covers, as one deadline, any wait for a free stream slot on the
+        connection and the whole answer; :class:`RequestTimeout` when it runs out.
         """
         timeout = self.timeout if timeout is ... else timeout
-        stream = await self._open(method, path, args, body, headers, token)
+        limit = _TimeLimit(timeout, method, path)
+        stream = await self._open(method, path, args, body, headers, token, limit)
         try:
-            with _TimeLimit(stream, timeout, method, path):    # one timer: the hot path
+            with limit:                                  # one timer: the hot path
                 status, resp_headers = await stream.head
                 data = await stream.read_all()
         except BaseException:
@@ -294,13 +301,14 @@ class Client:
                      timeout: float | None = ..., check: bool = True):
         """``async with client.stream("GET", "/big") as resp: async for chunk in resp``.
 
-        ``timeout`` limits the wait for the head (and, with ``check``, for the body of an
-        error answer), then each wait for a chunk.
+        ``timeout`` limits, as one deadline, the wait for a free stream slot (when the
+        node's per-connection stream limit is reached) and for the head (and, with
+        ``check``, for the body of an error answer); then each wait for a chunk.
         """
         timeout = self.timeout if timeout is ... else timeout
-        stream = await self._open(method, path, args, body, headers, token)
+        limit = _TimeLimit(timeout, method, path)
+        stream = await self._open(method, path, args, body, headers, token, limit)
         try:
-            limit = _TimeLimit(stream, timeout, method, path)
             with limit:
                 status, resp_headers = await stream.head
                 error = check and not 200 <= status < 300
@@ -346,33 +354,47 @@ def _check_request_line(method: str, path: str) -> None:
 class _TimeLimit:
     """The client's one timeout mechanism (``request()``, ``stream()``, each chunk wait).
 
-    ``with limit: <awaits reading the stream>``: while the block runs, one loop timer of
-    ``seconds`` is armed (``None``: no limit).  If it fires, the stream is reset (the node
-    stops working on it; the pending read wakes with the reset's ``Cancelled``) and the
-    block raises :class:`RequestTimeout` instead; so does a block whose awaited result
-    arrived in the very loop turn the timer fired.  Other errors (a lost connection, a
-    cancelled task) pass through unchanged.
+    ``with limit: <awaits>``: while the block runs, one loop timer is armed (``seconds``
+    ``None``: no limit).  A request's limit is one deadline, fixed when it is first
+    entered: it covers the wait for a stream slot (:meth:`wait_stream_slot`) and then
+    the wait for the answer, so queueing behind the node's stream limit never adds a
+    second timeout.  An ``idle`` limit (a ResponseStream's, "no data for") starts afresh
+    at each entry, once per chunk wait.
 
-    No task, no await and no cancellation of the caller's task: arming costs one timer
-    handle, and an outer ``asyncio.timeout()`` or ``TaskGroup`` never sees a stray
-    cancellation.  A limit may be entered again (a ResponseStream's, once per chunk wait).
+    If the timer fires while a slot is awaited, the wait ends and raises
+    :class:`RequestTimeout` naming it.  Once the limit is bound to its ``stream``, the
+    timer resets the stream (the node stops working on it; the pending read wakes with
+    the reset's ``Cancelled``) and the block raises :class:`RequestTimeout` instead; so
+    does a block whose awaited result arrived in the very loop turn the timer fired.
+    Other errors (a lost connection, a cancelled task) pass through unchanged.
+
+    No task, no await and no cancellation of the caller's task on the hot path: arming
+    costs one timer handle, and an outer ``asyncio.timeout()`` or ``TaskGroup`` never sees
+    a stray cancellation.  (Waiting for a slot, the rare path, runs the session's wait in
+    a task of its own, so that the timer can end it without touching the caller's.)
     """
 
-    __slots__ = ("stream", "seconds", "method", "path", "idle", "expired", "_handle")
+    __slots__ = ("stream", "seconds", "method", "path", "idle", "expired", "deadline",
+                 "_handle", "_woken")
 
-    def __init__(self, stream: Stream, seconds: float | None, method: str = "",
-                 path: str = ""):
+    def __init__(self, seconds: float | None, method: str = "", path: str = "", *,
+                 stream: Stream | None = None):
         self.stream = stream
         self.seconds = seconds
         self.method = method
         self.path = path
         self.idle = False          # True: limits each wait for a chunk ("no data for")
         self.expired = False
+        self.deadline: float | None = None      # loop time; set at the first entry
         self._handle: asyncio.TimerHandle | None = None
+        self._woken: asyncio.Future | None = None   # set while a stream slot is awaited
 
     def __enter__(self) -> "_TimeLimit":
         if self.seconds is not None:
-            self._handle = self.stream.session.loop.call_later(self.seconds, self._expire)
+            loop = asyncio.get_running_loop()
+            if self.deadline is None or self.idle:
+                self.deadline = loop.time() + self.seconds
+            self._handle = loop.call_at(self.deadline, self._expire)
         return self
 
     def __exit__(self, typ, exc, tb) -> bool:
@@ -387,12 +409,41 @@ class _TimeLimit:
     def _expire(self) -> None:
         self._handle = None
         self.expired = True
-        self.stream.reset(Status.CANCELLED, f"client timed out after {self.seconds:g} s")
+        if self.stream is not None:
+            self.stream.reset(Status.CANCELLED, f"client timed out after {self.seconds:g} s")
+        elif self._woken is not None and not self._woken.done():
+            self._woken.set_result(None)
 
-    def message(self) -> str:
-        what = "no data for" if self.idle else "no answer within"
+    async def wait_stream_slot(self, session: Session) -> None:
+        """Wait, within this limit, until the node's stream limit lets one more stream open.
+
+        Returns with a free slot (or a closed session: opening then says why); raises
+        :class:`RequestTimeout` if the limit runs out first.  The caller opens its stream
+        in the same loop turn, before another opener can take the slot.
+        """
+        loop = asyncio.get_running_loop()
+        with self:
+            while session.is_open and not session.stream_slots and not self.expired:
+                woken = self._woken = loop.create_future()
+                waiter = loop.create_task(session.wait_stream_slot())
+                waiter.add_done_callback(lambda _, f=woken: f.done() or f.set_result(None))
+                try:
+                    await woken     # a slot, a closed session, or the timer: whichever first
+                finally:
+                    self._woken = None
+                    if not waiter.done():
+                        waiter.cancel()
+            if self.expired:
+                raise RequestTimeout(self.message(
+                    f"no free stream slot within {self.seconds:g} s (every stream the node "
+                    f"allows at once on this connection is busy)"))
+
+    def message(self, what: str | None = None) -> str:
+        if what is None:
+            what = (f"no data for {self.seconds:g} s" if self.idle
+                    else f"no answer within {self.seconds:g} s")
         prefix = f"{self.method} {self.path}: " if self.method else ""
-        return f"{prefix}{what} {self.seconds:g} s"
+        return prefix + what
 
 
 # --------------------------------------------------------------------------- the blog's API

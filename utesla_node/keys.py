@@ -1,6 +1,7 @@
 """Key files: atomic writes with mode 0600 for private keys, and loading with clear errors."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +24,9 @@ def write_atomic(path: Path, data: bytes, mode: int, *, durable: bool = True) ->
     The temporary file is created with ``mode`` from the start (never briefly
     world-readable), then renamed over the target.  With ``durable`` (the default) the
     file is fsynced before the rename and its directory after it, so once this returns
-    the new content survives a crash or power loss: what private keys need.
+    the new content survives a crash or power loss: what private keys need.  If the
+    folder cannot be synced, :class:`OSError` says so (the file is in place, but may not
+    be after a crash); only a filesystem that cannot sync folders at all is let pass.
 
     ``durable=False`` skips both fsyncs, for a file rewritten often and worthless after a
     restart (``data/status.json``): readers still never see a partial file, but after a
@@ -46,16 +49,33 @@ def write_atomic(path: Path, data: bytes, mode: int, *, durable: bool = True) ->
         except FileNotFoundError:
             pass
         raise
-    if not durable:
-        return
+    if durable:
+        _sync_folder(path)
+
+
+#: What fsync of a directory fails with where the filesystem cannot sync directories at
+#: all (some network and FUSE filesystems): no more durability to be had there.
+_DIR_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def _sync_folder(path: Path) -> None:
+    """Make the rename of ``path`` durable by syncing its folder.
+
+    A real failure (EIO, ENOSPC, ...) is raised: the file may be gone again after a
+    crash, and whoever wrote a key must not be told it is safe.
+    """
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-        pass
+    except OSError as exc:
+        if exc.errno in _DIR_FSYNC_UNSUPPORTED:
+            return
+        message = (f"{path} was written but may not survive a crash: syncing its folder "
+                   f"{path.parent} failed: {exc.strerror or exc}")
+        raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
 
 
 def write_key_pair(key: PrivateKey, public_path: Path, private_path: Path) -> None:

@@ -733,7 +733,13 @@ class Session(asyncio.Protocol):
         while self.is_open and not self.conn.stream_slots:
             fut = self.loop.create_future()
             self._slot_waiters.append(fut)
-            await fut
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    # Woken for a slot, but cancelled before taking it: pass it on.
+                    self._wake_slot_waiters()
+                raise
 
     def _wake_slot_waiters(self) -> None:
         n = self.conn.stream_slots if self.is_open else len(self._slot_waiters)

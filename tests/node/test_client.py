@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from helpers import user_key, wait_for
+from helpers import GATE_SERVICE, user_key, wait_for
 from protocol import errors
 from protocol.crypto import PrivateKey
 from protocol.errors import Status
@@ -297,3 +297,68 @@ async def test_a_timeout_leaves_the_callers_task_uncancelled(node):
                     await resp.read()
             assert asyncio.current_task().cancelling() == 0
             await asyncio.Event().wait()                # the outer timeout ends this
+
+
+# --------------------------------------------------------------------------- stream slots
+# A node lets a connection have ``max_streams`` streams open at once (16 at the least);
+# past that the client queues its requests (issue 17 item 3: within their time limit).
+
+SLOTS = 16
+
+
+async def _fill_stream_slots(make_node):
+    """A node allowing SLOTS streams, and a client holding all of them on a closed gate."""
+    h = await make_node({"gate": GATE_SERVICE}, max_streams=SLOTS)
+    c = h.client()
+    held = [asyncio.create_task(c.get("/gate", args={"name": "slots", "max": 60}, timeout=60))
+            for _ in range(SLOTS)]
+    await wait_for(lambda: h.node.inflight == SLOTS, 15)
+    assert c._session.conn.stream_slots == 0
+    return h, c, held
+
+
+async def _release(h, held) -> None:
+    await h.client().get("/gate", args={"name": "slots", "open": 1})
+    assert [r.text for r in await asyncio.gather(*held)] == ["waiting done"] * SLOTS
+
+
+async def test_waiting_for_a_free_stream_slot_is_covered_by_the_request_timeout(make_node):
+    h, c, held = await _fill_stream_slots(make_node)
+    # asyncio.wait_for only bounds the test: before the fix these waited forever.
+    with pytest.raises(errors.RequestTimeout) as by_request:
+        await asyncio.wait_for(c.get("/hello_world", timeout=0.3), 20)
+    assert by_request.value.status == 408
+    assert str(by_request.value) == (
+        "GET /hello_world: no free stream slot within 0.3 s (every stream the node allows "
+        "at once on this connection is busy)")
+
+    async def stream():
+        async with c.stream("POST", "/echo", body=b"x", timeout=0.3):
+            raise AssertionError("no slot: the block is never entered")
+
+    with pytest.raises(errors.RequestTimeout) as by_stream:
+        await asyncio.wait_for(stream(), 20)
+    assert "POST /echo: no free stream slot within 0.3 s" in str(by_stream.value)
+    # The held requests are untouched, and the client serves again once they end.
+    await _release(h, held)
+    assert (await c.get("/hello_world")).text == "Hello World!"
+    await wait_for(lambda: h.node.inflight == 0, 15)
+
+
+async def test_a_request_queued_for_a_stream_slot_is_served_when_one_frees(make_node):
+    h, c, held = await _fill_stream_slots(make_node)
+    queued = asyncio.create_task(c.get("/hello_world", timeout=60))
+    await wait_for(lambda: c._session._slot_waiters, 15)     # it is waiting its turn
+    await _release(h, held)
+    assert (await asyncio.wait_for(queued, 20)).text == "Hello World!"
+
+
+async def test_cancelling_a_request_queued_for_a_stream_slot_is_not_a_timeout(make_node):
+    h, c, held = await _fill_stream_slots(make_node)
+    queued = asyncio.create_task(c.get("/hello_world", timeout=60))
+    await wait_for(lambda: c._session._slot_waiters, 15)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await _release(h, held)
+    assert (await c.get("/hello_world")).text == "Hello World!"
