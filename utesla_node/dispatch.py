@@ -47,16 +47,15 @@ class Dispatcher:
     """Serves request streams from start to finish (see module docstring)."""
 
     def __init__(self, *, gate: Gate, builtins: Builtins, registry: Callable[[], ServiceRegistry],
-                 metrics: Metrics, node_id: str, max_hops: int, timeout: float, max_body: int,
-                 service_view=None, router: "Router | None" = None):
+                 metrics: Metrics, node_id: str, config, service_view=None,
+                 router: "Router | None" = None):
         self.gate = gate
         self.builtins = builtins
         self.registry = registry
         self.metrics = metrics
         self.node_id = node_id
-        self.max_hops = max_hops
-        self.timeout = timeout
-        self.max_body = max_body
+        #: The node's configuration: request_timeout, max_body, max_hops (read per request).
+        self.config = config
         #: What handlers see as ``self.node`` (services.Handler): a read-only view.
         self.service_view = service_view
         self.router = router
@@ -94,12 +93,12 @@ class Dispatcher:
             user = self.gate.authorize_now(session.peer_user, req.token, "/".join(parts))
             if user is None:
                 return False
-            visited, hops = check_envelope(req.envelope, self.node_id, self.max_hops)
+            visited, hops = check_envelope(req.envelope, self.node_id, self.config.max_hops)
         except StatusError:
             return False                                    # serve() reports it
         resolved = self.registry().resolve(parts)
         t0 = time.monotonic()
-        timeout = request_timeout(self.timeout, req.envelope)
+        timeout = request_timeout(self.config.request_timeout, req.envelope)
         if resolved is None:
             router = self.router
             if router is None:
@@ -135,7 +134,7 @@ class Dispatcher:
         req = stream.request
         t0 = time.monotonic()
         writer = ResponseWriter(session, stream)
-        timeout = request_timeout(self.timeout, req.envelope)
+        timeout = request_timeout(self.config.request_timeout, req.envelope)
         long_lived = req.path in LONG_LIVED
         entry = None
         if not long_lived:
@@ -197,7 +196,7 @@ class Dispatcher:
     async def _call_handler(self, writer: ResponseWriter, service, rest: list[str],
                             user: str, method: str) -> bool:
         handler = service.handler_for(
-            RequestContext(writer, user, rest, self.service_view, self.max_body))
+            RequestContext(writer, user, rest, self.service_view, self.config.max_body))
         await getattr(handler, method)()
         return False
 
@@ -225,7 +224,7 @@ class Dispatcher:
             return False
         parts = split_path(req.path)
         user = await self.gate.authorize(session.peer_user, req.token, "/".join(parts))
-        visited, hops = check_envelope(req.envelope, self.node_id, self.max_hops)  # 400, 508
+        visited, hops = check_envelope(req.envelope, self.node_id, self.config.max_hops)  # 400, 508
         resolved = self.registry().resolve(parts)
         if resolved is None:
             if self.router is None:

@@ -119,8 +119,7 @@ class Node:
                                  network=self.network)
         self.dispatcher = Dispatcher(
             gate=self.gate, builtins=self.builtins, registry=lambda: self.registry,
-            metrics=self.metrics, node_id=self.network.id, max_hops=cfg.max_hops,
-            timeout=cfg.request_timeout, max_body=cfg.max_body,
+            metrics=self.metrics, node_id=self.network.id, config=cfg,
             service_view=NodeView(cfg, self.key))
         self.router = Router(self.network, self.dispatcher.finished, cfg.max_hops)
         self.dispatcher.router = self.router

@@ -741,6 +741,20 @@ class Session(asyncio.Protocol):
                     self._wake_slot_waiters()
                 raise
 
+    def slot_waiter(self) -> asyncio.Future:
+        """A future resolved when the peer's stream limit may let one more stream open (or
+        the session closed): for callers that wait by callback, not in a task.  Cancel it
+        to stop waiting."""
+        fut = self.loop.create_future()
+        self._slot_waiters.append(fut)
+        if not self.is_open:
+            self._wake_slot_waiters()
+        return fut
+
+    def pass_slot(self) -> None:
+        """A waiter woken for a free stream slot will not use it: wake the next one."""
+        self._wake_slot_waiters()
+
     def _wake_slot_waiters(self) -> None:
         n = self.conn.stream_slots if self.is_open else len(self._slot_waiters)
         while self._slot_waiters and n > 0:

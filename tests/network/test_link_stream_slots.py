@@ -68,7 +68,6 @@ def _received(h, n: int) -> bool:
     return sum(len(s.streams) for s in h.node.sessions) == n
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 2: fixed with the forwarding rewrite")
 @pytest.mark.parametrize("method", ["GET", "POST"])
 async def test_a_forwarded_request_waits_for_a_free_stream_on_the_link(net, method):
     a, b, c, held = await _full_link(net, method)
@@ -80,7 +79,6 @@ async def test_a_forwarded_request_waits_for_a_free_stream_on_the_link(net, meth
     await wait_for(lambda: settled(a), 10)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 2: fixed with the forwarding rewrite")
 async def test_a_forwarded_request_waiting_for_the_link_times_out_at_its_deadline(net):
     a, b, c, held = await _full_link(net)
     # Requests arriving from now on get 1 s at the entry node (the held ones keep theirs).

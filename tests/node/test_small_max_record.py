@@ -35,7 +35,6 @@ SHAPES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 1: fixed with the forwarding rewrite")
 @pytest.mark.parametrize("path", ["served-here", "streamed", "forwarded"])
 @pytest.mark.parametrize("h,n", SHAPES.values(), ids=SHAPES.keys())
 async def test_an_answer_over_a_small_max_record_is_split_not_reset(make_node, path, h, n):

@@ -142,7 +142,7 @@ class Forward:
 
     __slots__ = ("router", "session", "src", "service", "user", "visited", "hops", "t0",
                  "deadline", "timer", "tried", "link", "out", "pump", "relay", "done",
-                 "envelope", "last_failure")
+                 "envelope", "last_failure", "slot_wait")
 
     def __init__(self, router: Router, session: Session, src: Stream, service: str,
                  user: str, visited: list[str], hops: int, t0: float, deadline: float):
@@ -162,6 +162,7 @@ class Forward:
         self.relay: asyncio.Task | None = None    # driver: the answer streams back
         self.done = False
         self.last_failure = ""
+        self.slot_wait: asyncio.Future | None = None   # waiting for the link's stream limit
         self.envelope = None
         src.relay = self
         self.timer = session.loop.call_at(
@@ -181,6 +182,12 @@ class Forward:
         self.tried.add(link.peer_id)
         self.link = link
         lsession = link.session
+        if lsession.is_open and not lsession.stream_slots:
+            # The peer's limit of streams on this link is reached: wait for a free one,
+            # within the deadline (the timer ends the wait), instead of failing at once.
+            self.slot_wait = fut = lsession.slot_waiter()
+            fut.add_done_callback(lambda f, link=link: self._slot_ready(link, f))
+            return
         # The next hop gets what is left of the deadline now (a retry: less than before).
         router = self.router
         self.envelope = next_envelope(req.envelope, self.envelope["id"] if self.envelope
@@ -204,6 +211,16 @@ class Forward:
         self.router.network.metrics.incr("forwarded_requests")
         if not whole:
             self.pump = self._drive(self._pump_body(out, link.peer.url))
+
+    def _slot_ready(self, link: Link, fut: asyncio.Future) -> None:
+        if self.slot_wait is fut:
+            self.slot_wait = None
+        if fut.cancelled():
+            return
+        if self.done:
+            link.session.pass_slot()
+            return
+        self.send(link)
 
     def _drive(self, coro) -> asyncio.Task:
         """Run a driver task on the client's session (cancelled with it, waited for by
@@ -351,6 +368,9 @@ class Forward:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.slot_wait is not None:
+            self.slot_wait.cancel()
+            self.slot_wait = None
         self.src.relay = None
         out = self.out
         if out is not None:
