@@ -227,10 +227,13 @@ class Dispatcher:
         visited, hops = check_envelope(req.envelope, self.node_id, self.config.max_hops)  # 400, 508
         resolved = self.registry().resolve(parts)
         if resolved is None:
-            if self.router is None:
+            router = self.router
+            if router is None:
                 raise NotFound(f"no service {req.path}")
-            return self.router.forward(session, stream, parts, user.name, visited, hops, t0,
-                                       deadline)
+            if router.service_for(parts) is None:
+                await router.settle(parts, deadline)       # links still coming up?
+            return router.forward(session, stream, parts, user.name, visited, hops, t0,
+                                  deadline)
         service, rest = resolved
         method = req.method.lower()
         if method not in METHODS or not callable(getattr(service.handler, method, None)):

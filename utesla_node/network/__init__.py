@@ -87,6 +87,44 @@ class Network:
 
     def kick(self) -> None:
         self._kick.set()
+        waiters, self._change_waiters = self._change_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+    _change_waiters: list = []
+    _peers_read_at = 0.0
+    #: A link this young that has not received its peer's first table is "settling".
+    SETTLING = 5.0
+
+    def settling(self) -> bool:
+        """Some link came up (or was added) a moment ago and has not received its peer's
+        first table yet: a service missing now may be known in a second."""
+        now = time.monotonic()
+        return any(not l.synced and now - l.added_at < self.SETTLING
+                   for l in self.links.values())
+
+    async def wait_change(self, timeout: float) -> None:
+        """Until the routes may have changed (a table came in), at most ``timeout`` s."""
+        fut = asyncio.get_running_loop().create_future()
+        if self._change_waiters is Network._change_waiters:
+            self._change_waiters = []
+        self._change_waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def refresh_peers(self) -> None:
+        """Read the peers table now (at most 20 times a second, whatever asks): a peer
+        added a moment ago by ``utesla-cli add_network`` gets its link without waiting
+        for the next poll."""
+        if time.monotonic() - self._peers_read_at < 0.05:
+            return
+        try:
+            await self._sync_peers()
+        except StorageError as exc:
+            log.debug("cannot read the peers table: %s", exc)
 
     def local_services_changed(self) -> None:
         self.engine.set_local(self.local_services(), time.monotonic())
@@ -103,6 +141,7 @@ class Network:
                 log.debug("cannot read the peers table: %s", exc)
 
     async def _sync_peers(self) -> None:
+        self._peers_read_at = time.monotonic()
         peers = {p.url: p for p in await self.storage.list_peers()}
         for url, link in list(self.links.items()):
             p = peers.get(url)

@@ -67,6 +67,7 @@ class Link:
         self.renew_error = ""
         self.inflight = 0
         self.forwarded = 0
+        self.added_at = time.monotonic()
         self._task: asyncio.Task | None = None
         self._resubscribe = asyncio.Event()
 

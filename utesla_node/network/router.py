@@ -125,6 +125,19 @@ class Router:
         fwd.send(link)
         return True
 
+    async def settle(self, parts: list[str], deadline: float, limit: float = 2.0) -> None:
+        """A service unknown here while links are still coming up (the blog runs
+        ``add_network`` and the client right after): wait for the first tables, at most
+        ``limit`` seconds and within the request's deadline, before answering 404."""
+        net = self.network
+        await net.refresh_peers()
+        until = min(deadline, time.monotonic() + limit)
+        while self.service_for(parts) is None and net.settling():
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            await net.wait_change(left)
+
     def _ended(self) -> None:
         self.live -= 1
         if not self.live and self._idle is not None and not self._idle.done():
