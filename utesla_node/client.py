@@ -26,7 +26,7 @@ from protocol.errors import (AuthenticationFailed, HandshakeFailed, BadRequest, 
 from protocol.messages import MAX_METHOD, MAX_PATH
 
 from .keys import load_private_key, load_public_key
-from . import transport
+from . import timers, transport
 from .transport import ConnectionLost, Session, Stream
 
 __all__ = ["Client", "Reply", "ResponseStream", "UTeslaClient", "parse_url", "DEFAULT_PORT"]
@@ -394,14 +394,14 @@ class _TimeLimit:
             loop = asyncio.get_running_loop()
             if self.deadline is None or self.idle:
                 self.deadline = loop.time() + self.seconds
-            self._handle = loop.call_at(self.deadline, self._expire)
+            self._handle = timers.for_loop(loop).add(self.deadline, _TimeLimit._expire, self)
         return self
 
     def __exit__(self, typ, exc, tb) -> bool:
         handle = self._handle
         if handle is not None:
             self._handle = None
-            handle.cancel()
+            timers.for_loop(asyncio.get_running_loop()).cancel(handle)
         if self.expired and (typ is None or issubclass(typ, Cancelled)):
             raise RequestTimeout(self.message()) from None
         return False

@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .response import RequestContext, ResponseWriter
 from .rules import BUILTIN_PREFIX, LONG_LIVED, check_envelope, request_timeout
 from .services import METHODS, ServiceRegistry, split_path
+from . import timers
 from .timers import Deadlines
 from .transport import ConnectionLost, Session, Stream
 
@@ -41,6 +42,15 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Dispatcher"]
 
 log = logging.getLogger("utesla.request")
+
+
+def _expired(writer: ResponseWriter) -> None:
+    """A request's deadline passed: its task (if it has one) is cancelled; ``_run`` sees
+    ``timed_out`` and answers 408."""
+    writer.timed_out = True
+    task = writer.stream.task
+    if task is not None:
+        task.cancel()
 
 
 class Dispatcher:
@@ -146,20 +156,14 @@ class Dispatcher:
 
     def _deadline(self, session: Session, stream: Stream, writer: ResponseWriter,
                   timeout: float):
-        """The request's deadline, in the node's timer wheel: the task serving it (there
+        """The request's deadline, in the loop's timer wheel: the task serving it (there
         is one whenever a deadline can pass: running code is never interrupted) is
         cancelled and answers 408."""
         stream.deadline = time.monotonic() + timeout
-
-        def expired() -> None:
-            writer.timed_out = True
-            task = stream.task
-            if task is not None:
-                task.cancel()
-
-        if self.deadlines is None:
-            self.deadlines = Deadlines(session.loop)
-        return self.deadlines.add(session.loop.time() + timeout, expired)
+        wheel = self.deadlines
+        if wheel is None:
+            wheel = self.deadlines = timers.for_loop(session.loop)
+        return wheel.add(session.loop.time() + timeout, _expired, writer)
 
     async def _run(self, session: Session, stream: Stream, writer: ResponseWriter, t0: float,
                    timeout: float, entry, work, args: tuple, counted: bool = True,

@@ -156,6 +156,14 @@ class Stream:
         return chunk
 
     async def read_all(self, limit: int | None = None) -> bytes:
+        if self._ended and self._error is None and not self._waiter:
+            # All of it is here (the usual small answer): no chunk loop.  No credit goes
+            # back: the peer has ended the stream.
+            size = self.buffered
+            if limit is not None and size > limit:
+                from protocol.errors import TooLarge
+                raise TooLarge(f"body larger than {limit} bytes")
+            return self.take_body()
         parts, size = [], 0
         while True:
             chunk = await self.read_chunk()
