@@ -154,16 +154,25 @@ class Client:
 
     async def connect(self) -> Session:
         """Connect and authenticate (idempotent; reconnects after a broken connection)."""
+        session = await self._begin()
+        await self._ready(session)
+        return session
+
+    async def _begin(self) -> Session:
+        """The session, its handshake at least begun: requests may be queued on it at once
+        and go out right behind our ClientAuth (0.5-RTT requests, SPEC.md §4.7), one flight
+        instead of two.  :meth:`_ready` then waits for, and reports on, the handshake."""
         session = self._session
         if session is not None and session.is_open and not session.going_away:
             return session          # the common case, without taking the lock
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self.connected and not self._session.going_away:
-                return self._session
-            if self._session is not None and not self._session.is_open:
-                self._session.close()
+            session = self._session
+            if session is not None and session.is_open and not session.going_away:
+                return session
+            if session is not None and not session.is_open:
+                session.close()
             # A session that is going away keeps serving its in-flight requests until
             # the node closes it; new requests go to a fresh connection.
             self._session = None
@@ -176,21 +185,34 @@ class Client:
             except (OSError, asyncio.TimeoutError) as exc:
                 raise Unavailable(f"cannot connect to {self.host}:{self.port}: "
                                   f"{exc or 'timed out'}") from None
-            try:
-                await session.wait_ready(self.connect_timeout)
-            except asyncio.TimeoutError:
-                session.close(Status.TIMEOUT, "handshake timed out")
-                raise Unavailable(f"handshake with {self.host}:{self.port} timed out") from None
-            except ConnectionLost as exc:
-                raise Unavailable(f"{self.host}:{self.port} closed the connection during "
-                                  f"the handshake ({exc})") from None
-            except HandshakeFailed as exc:
-                if isinstance(exc, AuthenticationFailed) or exc.code != Status.UNAVAILABLE:
-                    raise
-                raise Unavailable(f"{self.host}:{self.port} cannot authenticate anyone right "
-                                  f"now (its database is unavailable)") from None
             self._session = session
             return session
+
+    async def _ready(self, session: Session) -> None:
+        """Wait for ``session``'s handshake; its failure as the error a caller reads."""
+        ready = session.ready
+        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            return
+        try:
+            await session.wait_ready(self.connect_timeout)
+        except asyncio.TimeoutError:
+            session.close(Status.TIMEOUT, "handshake timed out")
+            self._forget(session)
+            raise Unavailable(f"handshake with {self.host}:{self.port} timed out") from None
+        except ConnectionLost as exc:
+            self._forget(session)
+            raise Unavailable(f"{self.host}:{self.port} closed the connection during "
+                              f"the handshake ({exc})") from None
+        except HandshakeFailed as exc:
+            self._forget(session)
+            if isinstance(exc, AuthenticationFailed) or exc.code != Status.UNAVAILABLE:
+                raise
+            raise Unavailable(f"{self.host}:{self.port} cannot authenticate anyone right "
+                              f"now (its database is unavailable)") from None
+
+    def _forget(self, session: Session) -> None:
+        if self._session is session:
+            self._session = None
 
     async def close(self) -> None:
         if self._session is not None:
@@ -208,9 +230,15 @@ class Client:
         if not path.startswith("/"):
             path = "/" + path
         _check_request_line(method, path)
-        session = await self.connect()
+        session = await self._begin()
         if isinstance(body, str):
             body = body.encode()
+        early = not session.established
+        if early and (body or session.streams):
+            # 0.5-RTT only for one request without a body: the node's window and stream
+            # limit are not known before its hello.
+            await self._ready(session)
+            early = False
         first, rest = b"", None
         if isinstance(body, (bytes, bytearray, memoryview)):
             chunk = session.first_body_limit
@@ -231,6 +259,12 @@ class Client:
             stream = session.open_stream(method, path, token=token, args=args,
                                          headers=headers, body=first, end=end,
                                          envelope=envelope)
+        if early:
+            try:
+                await self._ready(session)      # the request went out behind ClientAuth
+            except BaseException:
+                stream.reset(Status.CANCELLED, "handshake failed")
+                raise
         limit.stream = stream
         if not end:
             asyncio.get_running_loop().create_task(self._upload(stream, rest if not streaming

@@ -476,8 +476,34 @@ class Session(asyncio.Protocol):
         self.flush()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        # The protocol's own handshake timer fails ``ready`` too; ``timeout`` may be shorter.
-        await asyncio.wait_for(self.ready, timeout)
+        """Until the handshake has completed (its failure raised); asyncio.TimeoutError
+        after ``timeout`` seconds.  The protocol's own handshake timer fails ``ready`` too;
+        ``timeout`` may be shorter.
+
+        Not ``asyncio.wait_for``: on Python < 3.12 it can swallow the caller's
+        cancellation when ``ready`` completes in the same loop turn.
+        """
+        ready = self.ready
+        if not ready.done():
+            waiter = self.loop.create_future()
+
+            def wake(_f=None, exc=None) -> None:
+                if not waiter.done():
+                    if exc is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(exc)
+
+            ready.add_done_callback(wake)
+            timer = None if timeout is None else self.loop.call_later(
+                timeout, wake, None, asyncio.TimeoutError())
+            try:
+                await waiter
+            finally:
+                ready.remove_done_callback(wake)
+                if timer is not None:
+                    timer.cancel()
+        return ready.result()
 
     def _arm_timer(self) -> None:
         if self._timer is not None:
