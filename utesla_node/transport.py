@@ -821,7 +821,10 @@ class Session(asyncio.Protocol):
             s.head = self.loop.create_future()
         s._sent_end = end
         self.streams[sid] = s
-        self.schedule_flush()
+        if len(self.streams) == 1 and self.conn.established:
+            self.flush()        # the only request in flight: nothing could join its write
+        else:
+            self.schedule_flush()
         return s
 
     async def respond(self, stream: Stream, status: int, headers: dict | None = None,
