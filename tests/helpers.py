@@ -140,6 +140,8 @@ class NodeProcess:
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.lines: list[str] = []
+        #: What the node printed after its start-up lines, read when stop() closed the pipe.
+        self.output = ""
 
     def start(self, timeout: float = 30.0) -> "NodeProcess":
         # The child gets its own descriptor for the log: ours is closed once it is spawned
@@ -170,19 +172,32 @@ class NodeProcess:
     def stop(self, sig=15, timeout: float = 30.0) -> int:
         """Signal the node and return its exit code; again, the same code (idempotent).
 
-        ``proc.stdout`` stays open: a test may read what the node printed after it stopped.
+        The node's stdout pipe is read to its end (into ``output``) and closed, also when
+        the node does not stop in time and is killed: an open pipe would outlive the test
+        (Python 3.13 reports it as an unclosed file when it is collected).
         """
         if self.proc is None:
             return 0
-        if self.proc.poll() is not None:
-            return self.proc.returncode
-        self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("node did not stop in time")
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+                    raise AssertionError("node did not stop in time") from None
+        finally:
+            self._close_stdout()
+        return self.proc.returncode
+
+    def _close_stdout(self) -> None:
+        out = self.proc.stdout
+        if out is not None and not out.closed:
+            try:
+                self.output += out.read()      # the node has exited: read() meets EOF
+            finally:
+                out.close()
 
 
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
