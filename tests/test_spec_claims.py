@@ -123,3 +123,17 @@ def test_invalid_utf8_is_refused_everywhere(raw, where):
     with pytest.raises(DecodeError):
         [obj] = unpack(plaintext, check_depth=False)
         messages.decode(obj)
+
+
+def test_x25519_import_prefixes_of_section_3_4():
+    """The SPKI and PKCS#8 prefixes §3.4 gives for libraries that need them."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import x25519
+    secret = bytes(range(32))
+    key = x25519.X25519PrivateKey.from_private_bytes(secret)
+    raw = key.public_key().public_bytes_raw()
+    spki = key.public_key().public_bytes(ser.Encoding.DER, ser.PublicFormat.SubjectPublicKeyInfo)
+    assert spki == bytes.fromhex("302a300506032b656e032100") + raw
+    pkcs8 = key.private_bytes(ser.Encoding.DER, ser.PrivateFormat.PKCS8, ser.NoEncryption())
+    assert pkcs8 == bytes.fromhex("302e020100300506032b656e04220420") + secret
+    assert ser.load_der_public_key(spki).public_bytes_raw() == raw
