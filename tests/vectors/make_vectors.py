@@ -22,9 +22,10 @@ salts (inputs ``client_pss_salt``, ``server_pss_salt``: the independent half enc
 them, the reference gets them through pycryptodome's ``rand_func``).  Every file is
 therefore reproducible.
 
-The script also renders SPEC.md Appendix B (every value of both handshakes and of the
-rekey, in hex, in the order a reader checks them) from the JSON files, between the
-markers ``APPENDIX_BEGIN`` and ``APPENDIX_END``; ``--check`` fails when SPEC.md differs.
+The script also renders the hex blocks of SPEC.md Appendix B from the JSON files (every
+value of both handshakes, the record sequences and the rekey, in the order a reader checks
+them), each between an HTML comment ``BEGIN vectors:NAME`` and ``END vectors:NAME``, and
+rewrites them in SPEC.md; ``--check`` fails when SPEC.md differs.
 """
 from __future__ import annotations
 
