@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol import Connection, HandshakeCompleted, Role
 from protocol.crypto import PrivateKey
 from utesla_node import auth
 from utesla_node.client import Client
@@ -290,6 +291,47 @@ INSPECT_SERVICE = """
             await self.write({"user": self.user, "path": self.path, "subpath": self.subpath,
                               "args": self.args, "node": self.node.key.public.fingerprint()})
 """
+
+
+class RawClient:
+    """A ``protocol.Connection`` driven over a socket by hand, collecting every event: for
+    tests that must see the exact RESET and CLOSE statuses a node sends, which the
+    high-level client folds into exceptions (or, after a complete answer, ignores)."""
+
+    def __init__(self, harness, user: str = "alice"):
+        self.h = harness
+        self.conn = Connection(Role.CLIENT, identity=harness.keys[user], user=user,
+                               server_key=harness.key.public)
+        self.events: list = []
+
+    async def connect(self) -> "RawClient":
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.h.port)
+        self.conn.initiate(time.monotonic())
+        self.flush()
+        await self.until(lambda e: isinstance(e, HandshakeCompleted))
+        return self
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.writer.write(data)
+
+    async def until(self, match, timeout: float = 20.0):
+        """Read until an event ``match``es (returned); fails at EOF or after ``timeout``."""
+        async def read():
+            while True:
+                for ev in self.events:
+                    if match(ev):
+                        return ev
+                data = await self.reader.read(65536)
+                if not data:
+                    raise AssertionError(f"connection ended; events: {self.events}")
+                self.events += self.conn.receive_data(data)
+                self.flush()
+        return await asyncio.wait_for(read(), timeout)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def abort_connection(writer: asyncio.StreamWriter) -> None:

@@ -11,12 +11,11 @@ and CLOSE statuses, which the high-level client folds into exceptions:
 """
 from __future__ import annotations
 
-import asyncio
 import time
 
-from protocol import Connection, Role
+from helpers import RawClient
 from protocol.events import (ConnectionClosed, DataReceived, GoAwayReceived,
-                             HandshakeCompleted, ResponseReceived, StreamReset)
+                             ResponseReceived, StreamReset)
 
 IGNORE_BODY = """
     class Handler:
@@ -33,45 +32,6 @@ HANG = """
             await self.flush()
             await asyncio.Event().wait()
 """
-
-
-class RawClient:
-    """A protocol Connection driven over a socket by hand; collects every event."""
-
-    def __init__(self, harness, user: str = "alice"):
-        self.h = harness
-        self.conn = Connection(Role.CLIENT, identity=harness.keys[user], user=user,
-                               server_key=harness.key.public)
-        self.events: list = []
-
-    async def connect(self) -> "RawClient":
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.h.port)
-        self.conn.initiate(time.monotonic())
-        self.flush()
-        await self.until(lambda e: isinstance(e, HandshakeCompleted))
-        return self
-
-    def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            self.writer.write(data)
-
-    async def until(self, match, timeout: float = 20.0):
-        """Read until an event ``match``es (returned); fails at EOF or after ``timeout``."""
-        async def read():
-            while True:
-                for ev in self.events:
-                    if match(ev):
-                        return ev
-                data = await self.reader.read(65536)
-                if not data:
-                    raise AssertionError(f"connection ended; events: {self.events}")
-                self.events += self.conn.receive_data(data)
-                self.flush()
-        return await asyncio.wait_for(read(), timeout)
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 async def test_answer_without_reading_the_body_resets_with_200(make_node):

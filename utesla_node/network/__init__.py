@@ -502,6 +502,11 @@ class Network:
                 await dst.send_body(chunk)
             await dst.end()
         except (StatusError, ConnectionLost) as exc:
+            if getattr(exc, "status", None) == Status.OK:
+                # RESET 200 from the next hop: its answer is complete and it wants no
+                # more body (SPEC.md §7.5).  Stop sending; the answer is still being
+                # relayed, and the client hears the same once it is (request_done).
+                return
             dst.reset(Status.CANCELLED, f"request body broken: {exc}")
             src.reset(Status.UNAVAILABLE, f"forwarding the body to {url} failed: {exc}")
 
