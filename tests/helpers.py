@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol import Connection, HandshakeCompleted, Role
 from protocol.crypto import PrivateKey
 from utesla_node import auth
 from utesla_node.client import Client
@@ -147,6 +148,8 @@ class NodeProcess:
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.lines: list[str] = []
+        #: What the node printed after its start-up lines, read when stop() closed the pipe.
+        self.output = ""
 
     def start(self, timeout: float = 30.0) -> "NodeProcess":
         """Start the child and wait, at most ``timeout`` seconds whatever it does, for its
@@ -197,19 +200,32 @@ class NodeProcess:
     def stop(self, sig=15, timeout: float = 30.0) -> int:
         """Signal the node and return its exit code; again, the same code (idempotent).
 
-        ``proc.stdout`` stays open: a test may read what the node printed after it stopped.
+        The node's stdout pipe is read to its end (into ``output``) and closed, also when
+        the node does not stop in time and is killed: an open pipe would outlive the test
+        (Python 3.13 reports it as an unclosed file when it is collected).
         """
         if self.proc is None:
             return 0
-        if self.proc.poll() is not None:
-            return self.proc.returncode
-        self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("node did not stop in time")
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+                    raise AssertionError("node did not stop in time") from None
+        finally:
+            self._close_stdout()
+        return self.proc.returncode
+
+    def _close_stdout(self) -> None:
+        out = self.proc.stdout
+        if out is not None and not out.closed:
+            try:
+                self.output += out.read()      # the node has exited: read() meets EOF
+            finally:
+                out.close()
 
 
 def _read_banner(stdout, lines: "queue.SimpleQueue") -> None:
@@ -314,6 +330,47 @@ INSPECT_SERVICE = """
             await self.write({"user": self.user, "path": self.path, "subpath": self.subpath,
                               "args": self.args, "node": self.node.key.public.fingerprint()})
 """
+
+
+class RawClient:
+    """A ``protocol.Connection`` driven over a socket by hand, collecting every event: for
+    tests that must see the exact RESET and CLOSE statuses a node sends, which the
+    high-level client folds into exceptions (or, after a complete answer, ignores)."""
+
+    def __init__(self, harness, user: str = "alice"):
+        self.h = harness
+        self.conn = Connection(Role.CLIENT, identity=harness.keys[user], user=user,
+                               server_key=harness.key.public)
+        self.events: list = []
+
+    async def connect(self) -> "RawClient":
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.h.port)
+        self.conn.initiate(time.monotonic())
+        self.flush()
+        await self.until(lambda e: isinstance(e, HandshakeCompleted))
+        return self
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.writer.write(data)
+
+    async def until(self, match, timeout: float = 20.0):
+        """Read until an event ``match``es (returned); fails at EOF or after ``timeout``."""
+        async def read():
+            while True:
+                for ev in self.events:
+                    if match(ev):
+                        return ev
+                data = await self.reader.read(65536)
+                if not data:
+                    raise AssertionError(f"connection ended; events: {self.events}")
+                self.events += self.conn.receive_data(data)
+                self.flush()
+        return await asyncio.wait_for(read(), timeout)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def abort_connection(writer: asyncio.StreamWriter) -> None:

@@ -7,13 +7,19 @@
    every recorded intermediate value and wire byte.
 3. The recorded records open, and the recorded signatures verify, under the recorded keys.
 
+SPEC.md Appendix B shows the same vectors in hex: its generated blocks must equal what
+make_vectors.py renders from the files, and a reader's check written against the text of
+the appendix alone (no JSON, no ``protocol``) must find every value consistent.
+
 Regenerate with ``.venv/bin/python tests/vectors/make_vectors.py`` (refuses to write when
-(1) and (2) disagree).
+(1) and (2) disagree; rewrites the blocks of SPEC.md too).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -47,9 +53,17 @@ from protocol.record import REKEY_AFTER, Opener, Sealer, next_key  # noqa: E402
 
 BACKENDS = sorted(crypto.aead_backends())
 HANDSHAKE = json.loads((VECTORS / "handshake_ed25519.json").read_text())
+HANDSHAKE_RSA = json.loads((VECTORS / "handshake_rsa.json").read_text())
+HANDSHAKES = {"handshake_ed25519.json": HANDSHAKE, "handshake_rsa.json": HANDSHAKE_RSA}
 RECORDS = json.loads((VECTORS / "record.json").read_text())
 MESSAGES = json.loads((VECTORS / "messages.json").read_text())
+REKEY = json.loads((VECTORS / "rekey.json").read_text())
+SPEC_TEXT = (Path(__file__).resolve().parent.parent / "SPEC.md").read_text()
 h = bytes.fromhex
+
+
+def _handshakes():
+    return [pytest.param(v, id=k.removesuffix(".json")) for k, v in HANDSHAKES.items()]
 
 
 def test_both_aead_backends_are_available():
@@ -67,43 +81,49 @@ def test_files_match_generator(name):
 # ---------------------------------------------------------------------------- handshake
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_handshake_wire_bytes(backend):
-    ref = gen.run_connection(HANDSHAKE["inputs"], backend)
-    assert len(ref["flights"]) == len(HANDSHAKE["flights"])
-    for (who, data), flight in zip(ref["flights"], HANDSHAKE["flights"]):
+@pytest.mark.parametrize("hs", _handshakes())
+def test_handshake_wire_bytes(hs, backend):
+    ref = gen.run_connection(hs["inputs"], backend)
+    assert len(ref["flights"]) == len(hs["flights"])
+    for (who, data), flight in zip(ref["flights"], hs["flights"]):
         assert who == flight["from"]
         assert data.hex() == flight["data"], flight["frames"][0]["name"]
         assert [f.hex() for f in gen.split_frames(data)] == [
             fr["wire"] for fr in flight["frames"]]
 
 
-def test_handshake_intermediates_match_independent_derivation():
-    indep = gen.derive_handshake(HANDSHAKE["inputs"])
-    assert indep["derived"] == HANDSHAKE["derived"]
-    assert indep["flights"] == HANDSHAKE["flights"]
+@pytest.mark.parametrize("hs", _handshakes())
+def test_handshake_intermediates_match_independent_derivation(hs):
+    indep = gen.derive_handshake(hs["inputs"])
+    assert indep["derived"] == hs["derived"]
+    assert indep["flights"] == hs["flights"]
 
 
-def test_handshake_protocol_constants():
+@pytest.mark.parametrize("hs", _handshakes())
+def test_handshake_protocol_constants(hs):
     from protocol.connection import PROLOGUE, PROTOCOL_VERSION
-    p = HANDSHAKE["protocol"]
+    p = hs["protocol"]
     assert p["version"] == PROTOCOL_VERSION
     assert h(p["prologue"]) == PROLOGUE
     assert h(p["server_signature_context"]) == b"utesla/1 server signature\x00"
     assert h(p["client_signature_context"]) == b"utesla/1 client signature\x00"
 
 
-def test_identity_keys_and_fingerprints():
-    d, i = HANDSHAKE["derived"], HANDSHAKE["inputs"]
+@pytest.mark.parametrize("hs", _handshakes())
+def test_identity_keys_and_fingerprints(hs):
+    d, i = hs["derived"], hs["inputs"]
     for side in ("client", "server"):
-        key = PrivateKey(ECC.construct(curve="ed25519", seed=h(i[f"{side}_identity_seed"])))
+        key = gen.reference_identity(i, side)
+        assert key.kind == ("rsa" if f"{side}_identity_rsa" in i else "ed25519")
         assert key.public.der.hex() == d[f"{side}_identity_public_der"]
         assert key.public.fingerprint() == d[f"{side}_identity_fingerprint"]
         assert PublicKey.from_bytes(key.public.der) == key.public
 
 
 @pytest.mark.parametrize("x_backend", ["cryptography", "pycryptodome"])
-def test_x25519_both_backends(x_backend):
-    d, i = HANDSHAKE["derived"], HANDSHAKE["inputs"]
+@pytest.mark.parametrize("hs", _handshakes())
+def test_x25519_both_backends(hs, x_backend):
+    d, i = hs["derived"], hs["inputs"]
     c = crypto.Ephemeral(h(i["client_ephemeral_secret"]), backend=x_backend)
     s = crypto.Ephemeral(h(i["server_ephemeral_secret"]), backend=x_backend)
     assert c.public.hex() == d["client_ephemeral_public"]
@@ -112,35 +132,39 @@ def test_x25519_both_backends(x_backend):
     assert s.exchange(c.public).hex() == d["shared_secret"]
 
 
-def test_key_schedule_with_library_hkdf():
+@pytest.mark.parametrize("hs", _handshakes())
+def test_key_schedule_with_library_hkdf(hs):
     """pycryptodome's HKDF (used by protocol/) agrees with the hand-written one."""
-    d = HANDSHAKE["derived"]
-    hs = crypto.hkdf(h(d["shared_secret"]), h(d["transcript_hash_hellos"]),
-                     b"utesla/1 handshake keys", 64)
-    assert hs.hex() == d["client_handshake_key"] + d["server_handshake_key"]
+    d = hs["derived"]
+    for hkdf in (crypto.hkdf, crypto.hkdf_reference):
+        keys = hkdf(h(d["shared_secret"]), h(d["transcript_hash_hellos"]),
+                    b"utesla/1 handshake keys", 64)
+        assert keys.hex() == d["client_handshake_key"] + d["server_handshake_key"]
     ap = crypto.hkdf(h(d["shared_secret"]), h(d["transcript_hash_auth"]),
                      b"utesla/1 application keys", 64)
     assert ap.hex() == d["client_application_key"] + d["server_application_key"]
 
 
-def test_transcript_hashes():
-    import hashlib
-    d = HANDSHAKE["derived"]
-    frames = [fr for fl in HANDSHAKE["flights"] for fr in fl["frames"]]
+@pytest.mark.parametrize("hs", _handshakes())
+def test_transcript_hashes(hs):
+    d = hs["derived"]
+    frames = [fr for fl in hs["flights"] for fr in fl["frames"]]
     by = {fr["name"]: h(fr["plaintext"]) for fr in frames}
     t = (b"utesla protocol 1" + gen.lp(by["ClientHello"]) + gen.lp(by["ServerHello"]))
     assert hashlib.sha256(t).hexdigest() == d["transcript_hash_hellos"]
     assert hashlib.sha256(t + gen.lp(h(d["server_identity_public_der"]))).hexdigest() == \
         d["server_signature_hash"]
     t += gen.lp(by["ServerAuth"])
-    assert hashlib.sha256(t + gen.lp(b"alice")).hexdigest() == d["client_signature_hash"]
+    user = hs["inputs"]["user"].encode()
+    assert hashlib.sha256(t + gen.lp(user)).hexdigest() == d["client_signature_hash"]
     t += gen.lp(by["ClientAuth"])
     assert t.hex() == d["transcript_input"]
     assert hashlib.sha256(t).hexdigest() == d["transcript_hash_auth"]
 
 
-def test_signatures_verify():
-    d = HANDSHAKE["derived"]
+@pytest.mark.parametrize("hs", _handshakes())
+def test_signatures_verify(hs):
+    d = hs["derived"]
     server = PublicKey.from_bytes(h(d["server_identity_public_der"]))
     client = PublicKey.from_bytes(h(d["client_identity_public_der"]))
     assert server.verify(h(d["server_signed_message"]), h(d["server_signature"]))
@@ -153,10 +177,11 @@ def test_signatures_verify():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_handshake_records_open_with_recorded_keys(backend):
-    d = HANDSHAKE["derived"]
+@pytest.mark.parametrize("hs", _handshakes())
+def test_handshake_records_open_with_recorded_keys(hs, backend):
+    d = hs["derived"]
     aead = crypto.aead_class(backend)
-    for flight in HANDSHAKE["flights"]:
+    for flight in hs["flights"]:
         for fr in flight["frames"]:
             wire = h(fr["wire"])
             (n,) = struct.unpack(">I", wire[:4])
@@ -173,14 +198,242 @@ def test_handshake_records_open_with_recorded_keys(backend):
                 messages.decode(obj)
 
 
-def test_handshake_plaintexts_carry_the_recorded_signatures():
-    d = HANDSHAKE["derived"]
-    frames = {fr["name"]: fr for fl in HANDSHAKE["flights"] for fr in fl["frames"]}
+@pytest.mark.parametrize("hs", _handshakes())
+def test_handshake_plaintexts_carry_the_recorded_signatures(hs):
+    d = hs["derived"]
+    frames = {fr["name"]: fr for fl in hs["flights"] for fr in fl["frames"]}
     [sa] = msgpack.unpackb(h(frames["ServerAuth"]["plaintext"]))
     assert sa == {"t": 18, "k": h(d["server_identity_public_der"]),
                   "s": h(d["server_signature"])}
     [ca] = msgpack.unpackb(h(frames["ClientAuth"]["plaintext"]))
-    assert ca == {"t": 19, "u": "alice", "s": h(d["client_signature"])}
+    assert ca == {"t": 19, "u": hs["inputs"]["user"], "s": h(d["client_signature"])}
+
+
+def test_rsa_handshake_shape():
+    """handshake_rsa.json is what B.4 says: RSA-2048 both sides, PSS with the fixed salts
+    (the reference's verify accepts them; any salt would), server at the minimums."""
+    i, d = HANDSHAKE_RSA["inputs"], HANDSHAKE_RSA["derived"]
+    assert i["server_settings"] == {"window": 65536, "max_record": 16384, "max_streams": 16}
+    for side in ("client", "server"):
+        key = PublicKey.from_bytes(h(d[f"{side}_identity_public_der"]))
+        assert (key.kind, key.bits) == ("rsa", 2048)
+        assert len(h(d[f"{side}_signature"])) == 256
+        em = h(d[f"{side}_pss_encoded"])
+        assert em[-1] == 0xBC and len(em) == 256
+        # the salt sits at the end of the unmasked DB (RFC 8017 9.1.1 step 8)
+        masked, digest = em[:256 - 33], em[256 - 33:-1]
+        db = bytes(a ^ b for a, b in zip(masked, gen.mgf1(digest, len(masked))))
+        assert db[-32:].hex() == i[f"{side}_pss_salt"] and db[-33] == 1
+
+
+# ---------------------------------------------------------------------------- rekey
+
+def _directions():
+    return [pytest.param(hs["handshake"], d, id=f"{hs['handshake'][:-5]}-{d['from']}")
+            for hs in REKEY["handshakes"] for d in hs["directions"]]
+
+
+def test_rekey_covers_both_handshakes():
+    assert [hs["handshake"] for hs in REKEY["handshakes"]] == list(HANDSHAKES)
+    assert REKEY["rekey_after"] == REKEY_AFTER
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fname,direction", _directions())
+def test_rekey_vectors(fname, direction, backend):
+    """The reference Sealer/Opener cross the boundary at counter 2^20 - 1 as recorded."""
+    d = HANDSHAKES[fname]["derived"]
+    assert direction["initial_key"] == d[direction["key"]]
+    got = gen.reference_rekey(direction, backend)
+    assert [w.hex() for w in got] == [r["record"] for r in direction["records"]]
+
+
+@pytest.mark.parametrize("fname,direction", _directions())
+def test_rekey_vectors_independent(fname, direction):
+    key0 = h(direction["initial_key"])
+    assert next_key(key0).hex() == direction["next_key"] == gen.next_key(key0).hex()
+    assert [(r["epoch"], r["counter"]) for r in direction["records"]] == [
+        (0, REKEY_AFTER - 1), (1, 0)]
+    for r in direction["records"]:
+        assert r["key"] == (direction["initial_key"] if r["epoch"] == 0
+                            else direction["next_key"])
+        assert r["nonce"] == (bytes(4) + r["counter"].to_bytes(8, "big")).hex()
+        assert gen.seal(h(r["key"]), r["counter"], h(r["plaintext"])).hex() == r["record"]
+        [msg] = unpack(h(r["plaintext"]))
+        assert msg["t"] == (6 if direction["from"] == "client" else 7)
+
+
+# ---------------------------------------------------------------------------- SPEC.md
+
+def test_spec_appendix_b_blocks_are_the_vector_files():
+    """SPEC.md's hex is exactly what make_vectors.py renders from the JSON files."""
+    want = gen.render_blocks()
+    got = gen.spec_blocks(SPEC_TEXT)
+    for name in want:
+        assert got[name] == want[name], (
+            f"SPEC.md Appendix B block {name!r} differs from tests/vectors: run "
+            f"tests/vectors/make_vectors.py")
+
+
+def _spec_values(name: str) -> dict:
+    """The values of one generated block, parsed from SPEC.md's text only."""
+    block = gen.spec_blocks(SPEC_TEXT)[name]
+    body = block.split("```text\n", 1)[1].rsplit("\n```", 1)[0]
+    values: dict = {}
+    label = None
+    for line in body.split("\n"):
+        if line.startswith("    ") and label is not None:
+            values[label] += bytes.fromhex(line.strip())
+            continue
+        label = None
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"(\S+) \((\d+) bytes\)", line)
+        if m:
+            label = m.group(1)
+            assert label not in values, label
+            values[label] = b""
+            values[f"{label}:length"] = int(m.group(2))
+            continue
+        m = re.fullmatch(r"(\S+) = (.+)", line)
+        assert m, f"unparsed line in block {name}: {line!r}"
+        values[m.group(1)] = m.group(2)
+    for key in [k for k in values if k.endswith(":length")]:
+        assert len(values[key[:-7]]) == values.pop(key), key
+    return values
+
+
+def _reader_identity(v: dict, side: str):
+    """(DER SPKI, sign(message) -> (signature, EM or None)) from the appendix's inputs."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    if f"{side}_identity_seed" in v:
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(v[f"{side}_identity_seed"])
+        der = key.public_key().public_bytes(ser.Encoding.DER,
+                                            ser.PublicFormat.SubjectPublicKeyInfo)
+        return der, lambda msg: (key.sign(msg), None)
+    p = int.from_bytes(v[f"{side}_identity_rsa_p"], "big")
+    q = int.from_bytes(v[f"{side}_identity_rsa_q"], "big")
+    e = int(v[f"{side}_identity_rsa_e"])
+    n, d = p * q, int.from_bytes(v[f"{side}_identity_rsa_d"], "big")
+    assert n == int.from_bytes(v[f"{side}_identity_rsa_n"], "big")
+    assert e * d % ((p - 1) * (q - 1)) == 1
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    der = rsa.RSAPublicNumbers(e, n).public_key().public_bytes(
+        ser.Encoding.DER, ser.PublicFormat.SubjectPublicKeyInfo)
+    salt = v[f"{side}_pss_salt"]
+
+    def sign(msg):
+        em = gen.pss_encode(msg, salt, n.bit_length())
+        return pow(int.from_bytes(em, "big"), d, n).to_bytes(256, "big"), em
+    return der, sign
+
+
+@pytest.mark.parametrize("name", ["handshake_ed25519", "handshake_rsa"])
+def test_a_reader_verifies_the_handshake_from_spec_md_alone(name):
+    """Every value of the appendix block, re-derived in order from its inputs (§3-§5)."""
+    import base64
+    from cryptography.hazmat.primitives.asymmetric import x25519
+    v = _spec_values(name)
+    lp, sha = gen.lp, (lambda b: hashlib.sha256(b).digest())
+    ders = {}
+    for side in ("client", "server"):
+        der, sign = _reader_identity(v, side)
+        assert der == v[f"{side}_identity_public_der"]
+        assert v[f"{side}_identity_fingerprint"] == "SHA256:" + base64.b64encode(
+            sha(der)).decode().rstrip("=")
+        ders[side] = (der, sign)
+    pubs = {}
+    for side in ("client", "server"):
+        secret = x25519.X25519PrivateKey.from_private_bytes(v[f"{side}_ephemeral_secret"])
+        pubs[side] = secret
+        assert secret.public_key().public_bytes_raw() == v[f"{side}_ephemeral_public"]
+    shared = pubs["client"].exchange(pubs["server"].public_key())
+    assert shared == pubs["server"].exchange(pubs["client"].public_key()) == v["shared_secret"]
+
+    def settings(text):
+        w, r, n = (int(x.split()[1]) for x in text.split(", "))
+        return w, r, n
+
+    for side, t in (("client", 16), ("server", 17)):
+        hello = f"{side.capitalize()}Hello"
+        w, r, n = settings(v[f"{side}_settings"])
+        assert msgpack.unpackb(v[f"{hello}.payload"]) == {
+            "t": t, "v": 1, "e": v[f"{side}_ephemeral_public"], "w": w, "r": r, "n": n}
+        assert v[f"{hello}.frame"] == lp(v[f"{hello}.payload"])
+    transcript = b"utesla protocol 1" + lp(v["ClientHello.payload"]) + lp(v["ServerHello.payload"])
+    assert sha(transcript) == v["transcript_hash_hellos"]
+    keys = gen.hkdf(shared, sha(transcript), b"utesla/1 handshake keys", 64)
+    assert (keys[:32], keys[32:]) == (v["client_handshake_key"], v["server_handshake_key"])
+
+    def record(label, key, counter):
+        assert v[f"{label}.nonce"] == bytes(4) + counter.to_bytes(8, "big")
+        assert v[f"{label}.frame"] == gen.seal(key, counter, v[f"{label}.plaintext"])
+        return msgpack.unpackb(v[f"{label}.plaintext"])
+
+    def signature(side, hashed):
+        assert sha(hashed) == v[f"{side}_signature_hash"]
+        signed = f"utesla/1 {side} signature".encode() + b"\x00" + sha(hashed)
+        assert signed == v[f"{side}_signed_message"]
+        sig, em = ders[side][1](signed)
+        assert sig == v[f"{side}_signature"]
+        if em is not None:
+            assert em == v[f"{side}_pss_encoded"]
+        assert PublicKey.from_bytes(ders[side][0]).verify(signed, sig)
+
+    signature("server", transcript + lp(ders["server"][0]))
+    assert record("ServerAuth", v["server_handshake_key"], 0) == [
+        {"t": 18, "k": ders["server"][0], "s": v["server_signature"]}]
+    transcript += lp(v["ServerAuth.plaintext"])
+    user = json.loads(v["user"])
+    signature("client", transcript + lp(user.encode()))
+    assert record("ClientAuth", v["client_handshake_key"], 0) == [
+        {"t": 19, "u": user, "s": v["client_signature"]}]
+    transcript += lp(v["ClientAuth.plaintext"])
+    assert transcript == v["transcript_input"]
+    assert sha(transcript) == v["transcript_hash_auth"]
+    keys = gen.hkdf(shared, sha(transcript), b"utesla/1 application keys", 64)
+    assert (keys[:32], keys[32:]) == (v["client_application_key"],
+                                      v["server_application_key"])
+    method, path = v["request"].split(",")[0].split()
+    assert record("Request", keys[:32], 0) == [{"t": 1, "i": 1, "m": method, "p": path}]
+    assert record("ServerFinished", v["server_handshake_key"], 1) == [{"t": 20}]
+    status, body = v["response"].split(", body ")
+    assert record("Response", keys[32:], 0) == [
+        {"t": 2, "i": 1, "s": int(status), "b": json.loads(body).encode()}]
+    assert record("Close", keys[:32], 1) == [{"t": 9, "s": 200}]
+
+
+def test_a_reader_verifies_the_rekey_from_spec_md_alone():
+    rekey = _spec_values("rekey")
+    for name in ("handshake_ed25519", "handshake_rsa"):
+        hs = _spec_values(name)
+        for side, t in (("client", 6), ("server", 7)):
+            label = f"{name}.{side}"
+            k0 = rekey[f"{label}.epoch0_key"]
+            assert k0 == hs[f"{side}_application_key"]
+            k1 = gen.hkdf(k0, b"", b"utesla/1 rekey", 32)
+            assert k1 == rekey[f"{label}.epoch1_key"]
+            for key, epoch, counter in ((k0, 0, (1 << 20) - 1), (k1, 1, 0)):
+                rl = f"{label}.e{epoch}c{counter}"
+                assert rekey[f"{rl}.nonce"] == bytes(4) + counter.to_bytes(8, "big")
+                assert rekey[f"{rl}.frame"] == gen.seal(key, counter, rekey[f"{rl}.plaintext"])
+                assert msgpack.unpackb(rekey[f"{rl}.plaintext"]) == [
+                    {"t": t, "o": bytes(range(8))}]
+
+
+def test_a_reader_verifies_the_record_sequences_from_spec_md_alone():
+    v = _spec_values("record")
+    for name, pairs in (("default", [(0, 0), (0, 1), (0, 2)]),
+                        ("rekey_after_2", [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)])):
+        key = v[f"{name}.initial_key"]
+        for epoch, counter in pairs:
+            rl = f"{name}.e{epoch}c{counter}"
+            if epoch and not counter:
+                key = gen.hkdf(key, b"", b"utesla/1 rekey", 32)
+                assert key == v[f"{rl}.key"]
+            assert v[f"{rl}.frame"] == gen.seal(key, counter, v[f"{rl}.plaintext"])
+            assert v[f"{rl}.nonce"] == bytes(4) + counter.to_bytes(8, "big")
 
 
 # ---------------------------------------------------------------------------- records

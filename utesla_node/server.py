@@ -244,9 +244,12 @@ class Node:
         if forwards is not None:
             forwards.cancel()
         for s in list(self.sessions):
+            # A session whose streams all finished in the grace period ends cleanly
+            # (CLOSE 200, SPEC.md §7.8); one whose requests are cut ends with 503.
+            cut = bool(s.tasks or s.conn.open_streams)
             for t in list(s.tasks):
                 t.cancel()
-            s.close(Status.UNAVAILABLE, "node shutting down")
+            s.close(Status.UNAVAILABLE if cut else Status.OK, "node shutting down")
         if self.network is not None:
             await self.network.stop()
         if self._server is not None:

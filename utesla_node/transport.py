@@ -682,9 +682,11 @@ class Session(asyncio.Protocol):
         ``lone=False``: never write at once (answers relayed in a batch go together)."""
         self.streams.pop(s.id, None)
         if self.conn.is_open(s.id) and not self.conn.closed:
-            # Answered without reading the whole request body (or not answered at
-            # all): tell the peer to stop sending, and free the stream.
-            self.conn.reset_stream(s.id, Status.CANCELLED, "stream ended by the node")
+            # Answered without reading the whole request body: tell the peer to stop
+            # sending, and free the stream; RESET 200 says the answer stands (SPEC.md
+            # §7.5; 499 would mean the opener cancelled).  Not answered at all: 500.
+            self.conn.reset_stream(s.id, *((Status.OK, "response complete") if s._sent_end
+                                           else (Status.INTERNAL, "stream ended by the node")))
             self.schedule_flush()
         if lone and len(self.tasks) <= 1 and self._flush_handle is not None:
             # The only request in flight is done: nothing else could join this

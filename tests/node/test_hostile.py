@@ -23,8 +23,8 @@ async def _raw(node, host="127.0.0.1", local=None):
 
 async def _closed_by_node(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
     """Read until the node closes the connection; returns what it sent meanwhile."""
-    data = b""
-    async with asyncio.timeout(timeout):
+    async def read() -> bytes:
+        data = b""
         while True:
             try:
                 chunk = await reader.read(65536)
@@ -33,6 +33,7 @@ async def _closed_by_node(reader: asyncio.StreamReader, timeout: float = 5.0) ->
             if not chunk:
                 return data
             data += chunk
+    return await asyncio.wait_for(read(), timeout)     # (asyncio.timeout: 3.11+)
 
 
 async def _still_serves(node):

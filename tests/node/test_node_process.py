@@ -36,9 +36,7 @@ def procs():
     started: list[NodeProcess] = []
     yield started
     for p in started:
-        if p.proc is not None and p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+        p.stop(signal.SIGKILL)          # a no-op for a stopped node; closes its stdout pipe
 
 
 def _start(procs, folder, *args) -> NodeProcess:

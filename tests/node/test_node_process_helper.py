@@ -37,6 +37,7 @@ def test_node_process_closes_its_log_handle_and_stop_is_idempotent(tmp_path):
         log = str((tmp_path / "node.log").resolve())
         assert log not in _open_files()               # only the node holds its log open
         assert node.stop() == 0
+        assert node.proc.stdout.closed                # stop() closes the pipe it read
         assert node.stop() == 0                       # again: the same code, no error
         assert node.proc.returncode == 0
         assert "stopping (SIGTERM)" in node.log()

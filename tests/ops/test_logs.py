@@ -208,7 +208,7 @@ async def test_full_run_logs_every_request_and_no_secret(tmp_path):
             except AssertionError as exc:        # did not stop in time: killed
                 codes.append(str(exc))
     assert codes == [0, 0]
-    logs = {"n1": n1.log() + n1.proc.stdout.read(), "n2": n2.log() + n2.proc.stdout.read()}
+    logs = {"n1": n1.log() + n1.output, "n2": n2.log() + n2.output}
 
     # ---------------------------------------------------------------- one line per request
     text = text_requests(logs["n1"])

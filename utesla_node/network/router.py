@@ -257,6 +257,8 @@ class Forward:
                 await out.send_body(chunk)
             await out.end()
         except (StatusError, ConnectionLost) as exc:
+            if getattr(exc, "status", None) == Status.OK:
+                return          # RESET 200: the next hop has answered and needs no more body
             out.reset(Status.CANCELLED, f"request body broken: {exc}")
             if not self.done and self.relay is None:
                 self._answer_error(Unavailable(f"forwarding the body to {url} failed: {exc}"))
