@@ -246,7 +246,7 @@ class Node:
         for s in list(self.sessions):
             # A session whose streams all finished in the grace period ends cleanly
             # (CLOSE 200, SPEC.md §7.8); one whose requests are cut ends with 503.
-            cut = bool(s.tasks or s.conn.open_streams)
+            cut = bool(s.tasks or s.open_streams)
             for t in list(s.tasks):
                 t.cancel()
             s.close(Status.UNAVAILABLE if cut else Status.OK, "node shutting down")

@@ -440,6 +440,11 @@ class Session(asyncio.Protocol):
         return self.conn.established
 
     @property
+    def open_streams(self) -> int:
+        """Streams open on the connection (either side's)."""
+        return self.conn.open_streams
+
+    @property
     def stream_slots(self) -> int:
         """Streams we may still open under the peer's limit."""
         return self.conn.stream_slots
