@@ -340,6 +340,7 @@ class Session(asyncio.Protocol):
         self.lost: asyncio.Future = self.loop.create_future()
         self._keeper: asyncio.Task | None = None
         self._authenticating = False    # a key lookup is running: events wait for it
+        self._reading = False           # inside data_received: it flushes when done
         #: Called when the connection is made: False refuses it (the server's admission).
         self.admit: Callable[["Session"], bool] | None = None
         # asyncio and uvloop set TCP_NODELAY on TCP transports already (checked); each
@@ -389,17 +390,22 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self.last_activity = time.monotonic()
+        self._reading = True        # what is answered meanwhile goes in the flush below
         try:
             events = self.conn.receive_data(data)
             if events:
                 self._handle_events(events)
                 if self._slot_waiters:
                     self._wake_slot_waiters()
-            self.flush()
-            if self.conn.closed:
-                self._terminate(self.close_reason or ConnectionLost("connection closed"))
         except ProtocolError as exc:
+            self._reading = False
             self._terminate(exc)
+            return
+        finally:
+            self._reading = False
+        self.flush()
+        if self.conn.closed:
+            self._terminate(self.close_reason or ConnectionLost("connection closed"))
 
     def eof_received(self) -> bool:
         try:
@@ -725,7 +731,7 @@ class Session(asyncio.Protocol):
         """
         if self.conn.queued_messages >= self.FLUSH_BATCH:
             self.flush()
-        elif self._flush_handle is None:
+        elif self._flush_handle is None and not self._reading:
             self._flush_handle = self.loop.call_soon(self._flush_soon)
 
     async def drain(self) -> None:
