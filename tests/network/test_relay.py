@@ -1,5 +1,5 @@
-"""The forwarding fast path (utesla_node/network/relay.py): requests relayed without a
-task, and every way they hand over to the general path.
+"""Forwarding (utesla_node/network/router.py): requests relayed without a task, and
+every way a task joins in (a streamed answer, a retry, a deadline, a client leaving).
 
 Each test checks the outcome the client sees and that the entry node's books balance
 afterwards (nothing in flight, no relay pending, no stream left on the link).
