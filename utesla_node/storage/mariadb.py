@@ -83,6 +83,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             created_at DOUBLE       NOT NULL
         ) {_TABLE_OPTIONS}""",
     ),
+    # 2: a peer's own SOCKS5 proxy (add_network --proxy); '' = the node's [network] proxy.
+    2: (
+        "ALTER TABLE peers ADD COLUMN IF NOT EXISTS proxy TEXT NOT NULL DEFAULT ''",
+    ),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
 
@@ -93,7 +97,7 @@ _META_DDL = (
 
 _USER_COLS = "name, password_hash, public_key, token_limit, guest, scopes, created_at"
 _TOKEN_COLS = "token_hash, user_name, created_at, expires_at, scopes, revoked"
-_PEER_COLS = "url, public_key, user_name, token, priority, created_at"
+_PEER_COLS = "url, public_key, user_name, token, priority, created_at, proxy"
 
 _ER_DUP_ENTRY = 1062
 _ER_NO_REFERENCED_ROW = (1216, 1452)
@@ -323,8 +327,11 @@ class MariaDBStorage(Storage):
             if got != 1:
                 raise StorageUnavailable("timed out waiting for another node's schema migration")
             try:
-                await cur.execute(_META_DDL)
-                current = await self._schema_version(cur) or 0  # re-read under the lock
+                current = await self._schema_version(cur)   # re-read under the lock
+                if current is None:
+                    # (Not run on an existing meta table: MariaDB would warn that it exists.)
+                    await cur.execute(_META_DDL)
+                    current = 0
                 for version in range(current + 1, SCHEMA_VERSION + 1):
                     log.info("migrating database %s to schema version %d", self.database, version)
                     for statement in MIGRATIONS[version]:
@@ -544,13 +551,15 @@ class MariaDBStorage(Storage):
     # ------------------------------------------------------------------ peers
 
     async def add_peer(self, peer: Peer, overwrite: bool = False) -> None:
-        values = (peer.url, peer.public_key, peer.user, peer.token, peer.priority, peer.created_at)
-        insert = f"INSERT INTO peers ({_PEER_COLS}) VALUES (%s, %s, %s, %s, %s, %s)"
+        values = (peer.url, peer.public_key, peer.user, peer.token, peer.priority, peer.created_at,
+                  peer.proxy)
+        insert = f"INSERT INTO peers ({_PEER_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
         if overwrite:
             insert += (
                 " ON DUPLICATE KEY UPDATE public_key = VALUES(public_key), "
                 "user_name = VALUES(user_name), token = VALUES(token), "
-                "priority = VALUES(priority), created_at = VALUES(created_at)"
+                "priority = VALUES(priority), created_at = VALUES(created_at), "
+                "proxy = VALUES(proxy)"
             )
 
         async def add(cur: Cursor) -> None:

@@ -77,6 +77,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             created_at REAL    NOT NULL
         )""",
     ),
+    # 2: a peer's own SOCKS5 proxy (add_network --proxy); '' = the node's [network] proxy.
+    2: (
+        "ALTER TABLE peers ADD COLUMN proxy TEXT NOT NULL DEFAULT ''",
+    ),
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
 
@@ -86,7 +90,7 @@ _META_DDL = (
 
 _USER_COLS = "name, password_hash, public_key, token_limit, guest, scopes, created_at"
 _TOKEN_COLS = "token_hash, user_name, created_at, expires_at, scopes, revoked"
-_PEER_COLS = "url, public_key, user_name, token, priority, created_at"
+_PEER_COLS = "url, public_key, user_name, token, priority, created_at, proxy"
 
 # Primary result codes (extended code & 0xff) meaning "the database cannot be used right now".
 _UNAVAILABLE_CODES = {
@@ -522,19 +526,20 @@ class SQLiteStorage(Storage):
 
     @staticmethod
     def _add_peer(conn: sqlite3.Connection, peer: Peer, overwrite: bool) -> None:
-        values = (peer.public_key, peer.user, peer.token, peer.priority, peer.created_at, peer.url)
+        values = (peer.public_key, peer.user, peer.token, peer.priority, peer.created_at,
+                  peer.proxy, peer.url)
         if conn.execute("SELECT 1 FROM peers WHERE url = ?", (peer.url,)).fetchone():
             if not overwrite:
                 raise AlreadyExists(f"peer {peer.url!r} already exists")
             conn.execute(
                 "UPDATE peers SET public_key = ?, user_name = ?, token = ?, priority = ?, "
-                "created_at = ? WHERE url = ?",
+                "created_at = ?, proxy = ? WHERE url = ?",
                 values,
             )
         else:
             conn.execute(
-                "INSERT INTO peers (public_key, user_name, token, priority, created_at, url) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO peers (public_key, user_name, token, priority, created_at, proxy, "
+                "url) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 values,
             )
 
