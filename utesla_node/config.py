@@ -413,8 +413,12 @@ def _read_env(environ, base: Path, warnings: list[str]) -> dict[tuple[str, str],
             continue
         entry = _ENV.get(var)
         if entry is None:
-            if var.startswith(_ENV_SECTIONS):
-                near = difflib.get_close_matches(var, list(_ENV), n=1)
+            # It looks like a setting when it starts like one (UTESLA_SERVER_...) or is
+            # spelt nearly like one (UTESLA_DATABSE_URL); other UTESLA_ names
+            # (UTESLA_DB_PASSWORD, UTESLA_PROXY, a test's) are someone else's.
+            near = difflib.get_close_matches(var, list(_ENV), n=1, cutoff=0.6)
+            if var.startswith(_ENV_SECTIONS) or difflib.get_close_matches(
+                    var, list(_ENV), n=1, cutoff=0.85):
                 hint = f" (did you mean {near[0]}?)" if near else ""
                 warnings.append(f"environment variable {var} is not a setting and is "
                                 f"ignored{hint}")
