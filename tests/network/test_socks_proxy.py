@@ -256,5 +256,7 @@ async def test_the_blogs_network_through_dante_with_the_console_scripts(tmp_path
                                       f"reach the proxy {d.url}"), dead.stderr
         assert "Traceback" not in dead.stderr
     finally:
-        n1.stop()
-        n2.stop()
+        for n in (n1, n2):
+            n.stop()
+            if n.proc is not None:
+                n.proc.stdout.close()

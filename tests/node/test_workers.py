@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import re
+import textwrap
 import threading
 import time
 
 import pytest
 
-from helpers import wait_for
+from helpers import NodeProcess, folder_config, register_user, wait_for
+from utesla_node.client import Client
 from utesla_node.workers import Workers, WorkersClosed
 
 THREADED = """
@@ -48,7 +51,7 @@ PROCESSES = """
         return os.getpid(), hashlib.sha256(b"x" * n).hexdigest()
 
     def hold(folder, tag):
-        Path(folder, f"started-{tag}").touch()
+        Path(folder, f"started-{tag}").write_text(str(os.getpid()))
         deadline = time.monotonic() + 60
         while not Path(folder, "release").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -169,6 +172,72 @@ async def test_process_work_not_started_is_cancelled_when_the_client_leaves(make
     await wait_for(lambda: workers.busy["process"] == 0, 60)
     assert (await c.get("/cpu", args={**args, "tag": "c"})).text == "c done"
     assert sorted(p.name for p in folder.iterdir()) == ["release", "started-a", "started-c"]
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+async def test_a_stopping_node_ends_its_worker_processes(make_node, tmp_path):
+    h = await make_node({"cpu": PROCESSES}, worker_processes=1, grace_period=0.5)
+    folder = tmp_path / "signals"
+    folder.mkdir()
+    stuck = asyncio.ensure_future(h.client(timeout=90).get(
+        "/cpu", args={"folder": str(folder), "tag": "a"}))
+    await wait_for(lambda: (folder / "started-a").exists()
+                   and (folder / "started-a").read_text(), 60)
+    pid = int((folder / "started-a").read_text())
+    assert alive(pid)
+    await h.stop()                               # never released: the job is abandoned
+    await wait_for(lambda: not alive(pid), 30)
+    with pytest.raises(Exception):
+        await stuck
+
+
+STUCK = """
+    import time
+
+    class Handler:
+        async def get(self):
+            await self.run_in_thread(time.sleep, 3600)
+"""
+
+
+async def test_a_thread_stuck_in_a_blocking_call_does_not_keep_the_node_alive(tmp_path):
+    """SIGTERM: the node drains, cancels the handler, and exits, its worker thread still
+    asleep (a ThreadPoolExecutor's thread would hold the exit for an hour)."""
+    folder = tmp_path / "node"
+    (folder / "complements").mkdir(parents=True)
+    (folder / "complements" / "stuck.py").write_text(textwrap.dedent(STUCK))
+    (folder / "node.ini").write_text("[server]\nport = 0\ngrace_period = 0.5\n")
+    node = NodeProcess(folder, "--config", "node.ini")
+    await asyncio.to_thread(node.start)
+    status = folder / "data" / "status.json"
+
+    def in_flight() -> bool:
+        try:
+            return json.loads(status.read_text()).get("inflight") == 1
+        except (FileNotFoundError, ValueError):
+            return False
+
+    try:
+        key = await register_user(folder_config(folder, "--config", "node.ini"), "alice")
+        async with Client(f"utesla://127.0.0.1:{node.port}", user="alice", private_key=key,
+                          node_key=folder / "keys" / "key.pub", timeout=60) as c:
+            c.token = await c.generate_token("pw")
+            call = asyncio.ensure_future(c.get("/stuck"))
+            await wait_for(in_flight, 20)        # the handler waits on its thread
+            assert await asyncio.to_thread(node.stop, 15, 30) == 0
+            with pytest.raises(Exception):
+                await call
+    finally:
+        node.stop()
+        node.proc.stdout.close()
 
 
 async def test_the_pools_are_bounded_and_closed_with_the_node():
