@@ -18,9 +18,9 @@ Secrets need not be written in either: ``[database] url_file`` and ``[network]
 proxy_file`` (``UTESLA_DATABASE_URL_FILE``, ``UTESLA_NETWORK_PROXY_FILE``) name a file
 holding the value (a Docker or systemd credential).  Relative paths, wherever they are
 given, are relative to node.ini's folder (the working directory without one).  A
-``UTESLA_`` variable that starts like a setting (``UTESLA_SERVER_...``) but names none
-is a warning in :attr:`NodeConfig.warnings`, not an error: the environment is shared
-with other programs.  ``UTESLA_DB_PASSWORD`` (the MariaDB password when the URL has
+``UTESLA_`` variable that starts like a setting (``UTESLA_SERVER_...``) or is spelt nearly
+like one, but names none, is a warning in :attr:`NodeConfig.warnings`, not an error: the
+environment is shared with other programs.  ``UTESLA_DB_PASSWORD`` (the MariaDB password when the URL has
 none) and ``UTESLA_PROXY`` (utesla-cli's ``--proxy``) are read where they are used.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import dataclasses
 import difflib
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -334,17 +335,16 @@ def find_config(explicit: str | os.PathLike | None) -> Path | None:
 
 
 class _Value:
-    """One setting as a source gave it: the text, where it came from (for messages),
-    and the folder a relative ``*_file`` path is read from."""
+    """One setting as a source gave it: the text, and where it came from (for messages)."""
 
-    __slots__ = ("text", "where", "base")
+    __slots__ = ("text", "where")
 
-    def __init__(self, text: str, where: str, base: Path):
-        self.text, self.where, self.base = text, where, base
+    def __init__(self, text: str, where: str):
+        self.text, self.where = text, where
 
 
 def load_config(path: str | os.PathLike | None = None, *,
-                environ: "os._Environ[str] | dict[str, str] | None" = None,
+                environ: Mapping[str, str] | None = None,
                 **overrides) -> NodeConfig:
     """The configuration from ``path`` (None: no file), the environment (``environ``,
     default ``os.environ``) and keyword overrides (the flags), strongest last applied;
@@ -441,7 +441,7 @@ def _put(found: dict, entry: tuple[str, str], text: str, where: str, base: Path,
         raise ConfigError(f"{where}: [{entry[0]}] {entry[1]} is given twice in one place "
                           f"(as {found[entry].where.rpartition(' ')[2]} and {label}); "
                           f"keep one")
-    found[entry] = _Value(text, where, base)
+    found[entry] = _Value(text, where)
 
 
 def _read_secret_file(name: str, base: Path, where: str) -> str:

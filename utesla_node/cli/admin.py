@@ -460,7 +460,8 @@ async def _counted(fh, progress):
 @click.option("--proxy", default="",
               help="Reach this peer through this SOCKS5 proxy (socks5h://[user:pass@]host:port"
                    ", or 'direct' for none), whatever [network] proxy says; stored with the "
-                   "peer.  The check now goes the way the link will.")
+                   "peer.  The check before storing goes the same way (without --proxy: "
+                   "through [network] proxy, if set).")
 @click.option("--wait", is_flag=True,
               help="Return only once the running node has the link up and the peer's table.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
