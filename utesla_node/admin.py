@@ -51,6 +51,7 @@ from protocol.crypto import PrivateKey, PublicKey
 
 from .auth import hash_password, validate_scopes
 from .config import NodeConfig
+from .proxy import DIRECT, Proxy, choose, redact
 from .status import NodeNotRunning, read_status
 from .storage import (NoSuchEntry, Peer, SQLiteStorage, Storage, Token, User,
                       open_storage)
@@ -141,11 +142,12 @@ class PeerInfo:
     priority: int
     key: str                    # the peer's key fingerprint
     created_at: float
+    proxy: str = ""             # its own proxy, password hidden; "" = [network] proxy
 
     @classmethod
     def of(cls, peer: Peer) -> "PeerInfo":
         return cls(peer.url, peer.user, peer.priority, _describe_key(peer.public_key)[1],
-                   peer.created_at)
+                   peer.created_at, redact(peer.proxy))
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ class NetworkRow:
     last_error: str
     token_expires_at: float | None
     renew_error: str
+    proxy: str = ""             # the peer's own proxy (password hidden); "" = [network] proxy
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -225,22 +228,23 @@ def peer_url(url: str) -> str:
 
 
 async def check_peer(url: str, *, node_key: PrivateKey, peer_key: PublicKey, user: str,
-                     token: str, timeout: float = 15.0) -> None:
+                     token: str, timeout: float = 15.0, proxy: Proxy | None = None) -> None:
     """Prove the peer answers at ``url``, holds ``peer_key``, and accepts our account and
     token (``GET /_node/net/status``, what the link itself needs); raises the client's
-    error otherwise (``AuthenticationFailed``, ``Unauthorized``, ``OSError``, ...)."""
+    error otherwise (``AuthenticationFailed``, ``Unauthorized``, ``OSError``, ...).
+    ``proxy``: the SOCKS5 proxy the link will go through."""
     from .client import Client
     async with Client(peer_url(url), user=user, private_key=node_key, node_key=peer_key,
-                      token=token, timeout=timeout) as c:
+                      token=token, timeout=timeout, proxy=proxy) as c:
         await c.get("/_node/net/status")
 
 
 async def remote_status(url: str, *, user: str, private_key, node_key, token: str | None,
-                        timeout: float = 15.0) -> dict:
+                        timeout: float = 15.0, proxy: "Proxy | str | None" = None) -> dict:
     """Any node's status (``/_node/status``) over the network, as one of its users."""
     from .client import Client
     async with Client(url, user=user, private_key=private_key, node_key=node_key, token=token,
-                      timeout=timeout) as c:
+                      timeout=timeout, proxy=proxy) as c:
         return (await c.get("/_node/status")).json()
 
 
@@ -427,16 +431,25 @@ class Admin:
     # ------------------------------------------------------------------ peers
 
     async def add_peer(self, url: str, *, node_key: PrivateKey, peer_key: PublicKey, user: str,
-                       token: str, priority: int = 0, overwrite: bool = False) -> PeerInfo:
+                       token: str, priority: int = 0, overwrite: bool = False,
+                       proxy: str = "") -> PeerInfo:
         """Store a link to the peer at ``url`` once it has proved (:func:`check_peer`)
         that it holds ``peer_key`` and accepts ``user`` and ``token``.
         A running node picks it up within 2 s.  ``created_at`` of the result tells this
-        entry from one it replaces (:meth:`wait_for_link` needs it)."""
+        entry from one it replaces (:meth:`wait_for_link` needs it).
+
+        ``proxy``: the peer's own SOCKS5 proxy (``socks5h://...``, or ``direct`` for
+        none); empty: the node's ``[network] proxy``.  The check goes the way the link
+        will go."""
         url = peer_url(url)
+        proxy = (proxy or "").strip()
+        via = choose(proxy, self.config.proxy)      # ValueError for a malformed proxy
         self.require_database()          # before the network round trip, not after it
-        await check_peer(url, node_key=node_key, peer_key=peer_key, user=user, token=token)
+        await check_peer(url, node_key=node_key, peer_key=peer_key, user=user, token=token,
+                         proxy=via)
         peer = Peer(url=url, public_key=peer_key.to_pem(), user=user, token=token,
-                    priority=priority, created_at=self.clock())
+                    priority=priority, created_at=self.clock(),
+                    proxy=DIRECT if proxy.lower() == DIRECT else proxy)
         await (await self.storage()).add_peer(peer, overwrite=overwrite)
         return PeerInfo.of(peer)
 
@@ -466,7 +479,7 @@ class Admin:
         for p in await self.peers():
             link = links.get(p.url, {})
             rows.append(NetworkRow(
-                url=p.url, user=p.user, priority=p.priority, key=p.key,
+                url=p.url, user=p.user, priority=p.priority, key=p.key, proxy=p.proxy,
                 state=link.get("state", "pending"), rtt_ms=link.get("rtt_ms"),
                 routes=link.get("routes"), last_error=link.get("last_error") or "",
                 token_expires_at=link.get("token_expires_at"),
@@ -507,6 +520,7 @@ class Admin:
             if link.get("state") == "up" and link.get("synced"):
                 return NetworkRow(
                     url=peer.url, user=peer.user, priority=peer.priority, key=peer.key,
+                    proxy=peer.proxy,
                     state="up", rtt_ms=link.get("rtt_ms"), routes=link.get("routes", 0),
                     last_error="", token_expires_at=link.get("token_expires_at"),
                     renew_error=link.get("renew_error") or "")

@@ -27,6 +27,7 @@ from protocol.messages import MAX_METHOD, MAX_PATH
 
 from .keys import load_private_key, load_public_key
 from . import timers, transport
+from .proxy import Proxy, ProxyError, parse_proxy
 from .transport import ConnectionLost, Session, Stream
 
 __all__ = ["Client", "Reply", "ResponseStream", "UTeslaClient", "parse_url", "DEFAULT_PORT"]
@@ -129,8 +130,11 @@ class Client:
 
     def __init__(self, url: str, *, user: str, private_key, node_key, token: str | None = None,
                  timeout: float | None = 30.0, connect_timeout: float = 10.0,
-                 settings: Settings | None = None):
+                 settings: Settings | None = None, proxy: "str | Proxy | None" = None):
         self.host, self.port, _ = parse_url(url)
+        #: The SOCKS5 proxy to connect through (``socks5h://[user:pass@]host:port``, or a
+        #: :class:`~utesla_node.proxy.Proxy`); None or "direct": connect directly.
+        self.proxy = proxy if isinstance(proxy, Proxy) or proxy is None else parse_proxy(proxy)
         self.user = user
         self.private_key = _as_private(private_key)
         self.node_key = _as_public(node_key)
@@ -180,10 +184,12 @@ class Client:
                 session = await asyncio.wait_for(
                     transport.connect(self.host, self.port, identity=self.private_key,
                                       user=self.user, server_key=self.node_key,
-                                      settings=self.settings),
+                                      settings=self.settings, proxy=self.proxy),
                     self.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
-                raise Unavailable(f"cannot connect to {self.host}:{self.port}: "
+                via = f" through the proxy {self.proxy}" if self.proxy is not None \
+                    and not isinstance(exc, ProxyError) else ""
+                raise Unavailable(f"cannot connect to {self.host}:{self.port}{via}: "
                                   f"{exc or 'timed out'}") from None
             self._session = session
             return session

@@ -1,22 +1,50 @@
-"""Node configuration: one documented dataclass, loaded once from ``node.ini``.
+"""Node configuration: one documented dataclass, resolved once from its sources.
 
 Every key of ``node.ini`` is a field below, in a table of (section, key, field,
 parser).  Unknown sections or keys and bad values are errors that name the
 file, the section and the key, so a typo never silently falls back to a default.
+
+Sources, strongest first (a setting takes its value from the first that has it):
+
+1. command-line flags (``utesla-node --port``; the keyword overrides of
+   :func:`load_config`);
+2. the environment: ``UTESLA_<SECTION>_<KEY>``, the section's spaces as ``_``
+   (``UTESLA_SERVER_PORT=17005``, ``UTESLA_CRYPT_LIMITS_KEY_TYPE=rsa``), so
+   containers and systemd units can set what they must without a file;
+3. ``node.ini``;
+4. the defaults below.
+
+Secrets need not be written in either: ``[database] url_file`` and ``[network]
+proxy_file`` (``UTESLA_DATABASE_URL_FILE``, ``UTESLA_NETWORK_PROXY_FILE``) name a file
+holding the value (a Docker or systemd credential).  Relative paths, wherever they are
+given, are relative to node.ini's folder (the working directory without one).  A
+``UTESLA_`` variable that starts like a setting (``UTESLA_SERVER_...``) or is spelt nearly
+like one, but names none, is a warning in :attr:`NodeConfig.warnings`, not an error: the
+environment is shared with other programs.  ``UTESLA_DB_PASSWORD`` (the MariaDB password when the URL has
+none) and ``UTESLA_PROXY`` (utesla-cli's ``--proxy``) are read where they are used.
 """
 from __future__ import annotations
 
 import configparser
 import dataclasses
+import difflib
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 from .errors import NodeError
+from .proxy import parse_proxy
 
-__all__ = ["NodeConfig", "ConfigError", "load_config", "find_config"]
+__all__ = ["NodeConfig", "ConfigError", "load_config", "find_config", "env_name",
+           "ENV_PREFIX", "SECRET_FILE_MAX"]
+
+#: Environment variables that set a node.ini key start with this.
+ENV_PREFIX = "UTESLA_"
+#: Largest secret file read for a ``*_file`` key, bytes (it holds one line).
+SECRET_FILE_MAX = 65536
 
 
 class ConfigError(NodeError, ValueError):
@@ -112,9 +140,24 @@ class NodeConfig:
     #: Remote services (routes) that get a metrics label of their own; requests for
     #: the others are counted under ``service="_other"``.
     metrics_max_remote_services: int = 100
+    #: SOCKS5 proxy for the node's links to its peers: ``socks5h://[user:pass@]host:port``
+    #: (the proxy resolves names: onion names work) or ``socks5://``; empty = direct.
+    #: A peer added with ``add_network --proxy`` uses its own instead.
+    proxy: str = ""
+    #: Threads for ``await self.run_in_thread(...)`` in services (blocking I/O).
+    worker_threads: int = 16
+    #: Processes for ``await self.run_in_process(...)`` (CPU-heavy work); started on
+    #: first use; 0 = none (run_in_process fails).  Default: the number of CPUs.
+    worker_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: A handler that holds the event loop longer than this many seconds is logged (with
+    #: its service and how long); 0 = the loop is not watched.
+    loop_block_threshold: float = 0.1
     #: The folder relative paths are resolved against, and the file read (if any).
     base_dir: Path = field(default_factory=Path.cwd)
     source: Path | None = None
+    #: What the sources said that is not an error (unknown ``UTESLA_`` variables): the
+    #: node logs these at start, utesla-cli prints them.
+    warnings: list[str] = field(default_factory=list)
 
     def path(self, p: Path) -> Path:
         return p if p.is_absolute() else self.base_dir / p
@@ -185,6 +228,12 @@ def _path(text: str) -> Path:
     return Path(text.strip()).expanduser()
 
 
+def _proxy(text: str) -> str:
+    text = text.strip()
+    parse_proxy(text)           # ValueError (without the password) when it is not one
+    return text
+
+
 def _listen(text: str) -> str:
     text = text.strip()
     if text:
@@ -232,6 +281,10 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
     ("network", "max_hops"): ("max_hops", _bounded_int(1, 64)),
     ("network", "max_routes_per_link"): ("max_routes_per_link", _bounded_int(1, 1_000_000)),
     ("network", "token_renew_interval"): ("token_renew_interval", _positive_float),
+    ("network", "proxy"): ("proxy", _proxy),
+    ("server", "worker_threads"): ("worker_threads", _bounded_int(1, 1024)),
+    ("server", "worker_processes"): ("worker_processes", _bounded_int(0, 1024)),
+    ("server", "loop_block_threshold"): ("loop_block_threshold", _non_negative_float),
     ("logging", "level"): ("log_level", _level),
     ("logging", "format"): ("log_format", _choice("text", "json")),
     ("logging", "repeat_limit"): ("log_repeat_limit", _bounded_int(0, 1_000_000)),
@@ -241,6 +294,22 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
                                          _bounded_int(0, 10_000)),
 }
 _SECTIONS = {s for s, _ in _KEYS}
+#: Keys whose value is a secret: ``KEY_file = PATH`` reads it from a file instead.
+_SECRETS = {("database", "url"), ("network", "proxy")}
+_FILE_SUFFIX = "_file"
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable for a node.ini key: ``UTESLA_SERVER_PORT``."""
+    return f"{ENV_PREFIX}{section.upper().replace(' ', '_')}_{key.upper()}"
+
+
+#: UTESLA_<SECTION>_<KEY> -> (section, key), the ``_file`` forms of the secrets included.
+_ENV: dict[str, tuple[str, str]] = {
+    env_name(s, k): (s, k)
+    for s, k in [*_KEYS, *((s, k + _FILE_SUFFIX) for s, k in _SECRETS)]}
+assert len(_ENV) == len(_KEYS) + len(_SECRETS), "two settings share an environment name"
+_ENV_SECTIONS = tuple(f"{ENV_PREFIX}{s.upper().replace(' ', '_')}_" for s in _SECTIONS)
 
 
 def _ini_problem(exc: Exception) -> str:
@@ -279,47 +348,48 @@ def find_config(explicit: str | os.PathLike | None) -> Path | None:
     return local if local.is_file() else None
 
 
-def load_config(path: str | os.PathLike | None = None, **overrides) -> NodeConfig:
-    """Read ``path`` (or use the defaults when None) and apply keyword overrides."""
+class _Value:
+    """One setting as a source gave it: the text, and where it came from (for messages)."""
+
+    __slots__ = ("text", "where")
+
+    def __init__(self, text: str, where: str):
+        self.text, self.where = text, where
+
+
+def load_config(path: str | os.PathLike | None = None, *,
+                environ: Mapping[str, str] | None = None,
+                **overrides) -> NodeConfig:
+    """The configuration from ``path`` (None: no file), the environment (``environ``,
+    default ``os.environ``) and keyword overrides (the flags), strongest last applied;
+    see the module docstring for the order and the names."""
     cfg = NodeConfig()
+    environ = os.environ if environ is None else environ
     if path is not None:
         path = Path(path)
-        parser = configparser.ConfigParser(interpolation=None, strict=True)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                parser.read_file(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: configuration file not found") from None
-        except (configparser.Error, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: {_ini_problem(exc)}") from None
-        seen: set[tuple[str, str]] = set()
-        for section in parser.sections():
-            name = section.strip().lower()
-            if name not in _SECTIONS:
-                raise ConfigError(f"{path}: unknown section [{section}] "
-                                  f"(known: {', '.join(sorted(_SECTIONS))})")
-            for key, value in parser.items(section):
-                entry = _KEYS.get((name, key.lower()))
-                if entry is None:
-                    known = sorted(k for s, k in _KEYS if s == name)
-                    raise ConfigError(f"{path}: [{section}] unknown key {key!r} "
-                                      f"(known: {', '.join(known)})")
-                fname, parse = entry
-                try:
-                    setattr(cfg, fname, parse(value))
-                except ValueError as exc:
-                    raise ConfigError(f"{path}: [{section}] {key} = {value!r}: {exc}") from None
-                seen.add((name, key.lower()))
-        if cfg.password_backoff_max < cfg.password_backoff:
-            raise ConfigError(f"{path}: [server] password_backoff_max = "
-                              f"{cfg.password_backoff_max:g} is less than password_backoff = "
-                              f"{cfg.password_backoff:g}")
-        if ("crypt limits", "rsa_key_length") in seen and ("crypt limits", "key_type") not in seen:
-            # The original's node.ini sized the node's RSA key with rsa_key_length alone:
-            # giving a size asks for RSA, as -bit_size does for generate_keys.
-            cfg.key_type = "rsa"
         cfg.base_dir = path.resolve().parent
         cfg.source = path
+    ini = _read_ini(path, cfg.base_dir) if path is not None else {}
+    env = _read_env(environ, cfg.base_dir, cfg.warnings)
+    seen: set[tuple[str, str]] = set()
+    for layer in (ini, env):
+        for (section, key), value in layer.items():
+            fname, parse = _KEYS[(section, key)]
+            try:
+                setattr(cfg, fname, parse(value.text))
+            except ValueError as exc:
+                shown = value.text if (section, key) not in _SECRETS else "(secret)"
+                raise ConfigError(f"{value.where} = {shown!r}: {exc}") from None
+            seen.add((section, key))
+    if ("crypt limits", "rsa_key_length") in seen and ("crypt limits", "key_type") not in seen:
+        # The original's node.ini sized the node's RSA key with rsa_key_length alone:
+        # giving a size asks for RSA, as -bit_size does for generate_keys.
+        cfg.key_type = "rsa"
+    if cfg.password_backoff_max < cfg.password_backoff:
+        raise ConfigError(f"{path or 'configuration'}: [server] password_backoff_max = "
+                          f"{cfg.password_backoff_max:g} is less than password_backoff = "
+                          f"{cfg.password_backoff:g}")
+    if ("database", "url") in seen:
         cfg.database_url = _anchor_sqlite(cfg.database_url, cfg.base_dir)
     for key, value in overrides.items():
         if value is not None:
@@ -327,3 +397,92 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> NodeConfi
                 raise ConfigError(f"unknown setting {key!r}")
             setattr(cfg, key, value)
     return cfg
+
+
+def _read_ini(path: Path, base: Path) -> dict[tuple[str, str], _Value]:
+    """node.ini's settings by (section, key); ConfigError naming file, section and key."""
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: {_ini_problem(exc)}") from None
+    found: dict[tuple[str, str], _Value] = {}
+    for section in parser.sections():
+        name = section.strip().lower()
+        if name not in _SECTIONS:
+            raise ConfigError(f"{path}: unknown section [{section}] "
+                              f"(known: {', '.join(sorted(_SECTIONS))})")
+        for key, text in parser.items(section):
+            where = f"{path}: [{section}] {key}"
+            _put(found, (name, key.lower()), text, where, base,
+                 lambda: ", ".join(sorted(k for s, k in _KEYS if s == name)), where)
+    return found
+
+
+def _read_env(environ, base: Path, warnings: list[str]) -> dict[tuple[str, str], _Value]:
+    """The ``UTESLA_<SECTION>_<KEY>`` settings; unknown ones that look like settings are
+    added to ``warnings`` (with the nearest real name)."""
+    found: dict[tuple[str, str], _Value] = {}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        entry = _ENV.get(var)
+        if entry is None:
+            # It looks like a setting when it starts like one (UTESLA_SERVER_...) or is
+            # spelt nearly like one (UTESLA_DATABSE_URL); other UTESLA_ names
+            # (UTESLA_DB_PASSWORD, UTESLA_PROXY, a test's) are someone else's.
+            near = difflib.get_close_matches(var, list(_ENV), n=1, cutoff=0.6)
+            if var.startswith(_ENV_SECTIONS) or difflib.get_close_matches(
+                    var, list(_ENV), n=1, cutoff=0.85):
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                warnings.append(f"environment variable {var} is not a setting and is "
+                                f"ignored{hint}")
+            continue
+        _put(found, entry, environ[var], f"environment variable {var}", base, None, var)
+    return found
+
+
+def _put(found: dict, entry: tuple[str, str], text: str, where: str, base: Path,
+         known, label: str) -> None:
+    """Record one setting of one source: a ``*_file`` key of a secret is read now and
+    recorded as the secret itself; a secret given both ways in one source is an error."""
+    section, key = entry
+    if key.endswith(_FILE_SUFFIX) and (section, key[:-len(_FILE_SUFFIX)]) in _SECRETS:
+        entry = (section, key[:-len(_FILE_SUFFIX)])
+        text = _read_secret_file(text, base, where)
+    elif entry not in _KEYS:
+        raise ConfigError(f"{where}: unknown key (known: {known()})")
+    if entry in found:
+        raise ConfigError(f"{where}: [{entry[0]}] {entry[1]} is given twice in one place "
+                          f"(as {found[entry].where.rpartition(' ')[2]} and {label}); "
+                          f"keep one")
+    found[entry] = _Value(text, where)
+
+
+def _read_secret_file(name: str, base: Path, where: str) -> str:
+    """The secret held in file ``name`` (relative to ``base``): its text without the line
+    end.  Never shown in messages; only its file name is."""
+    name = name.strip()
+    if not name:
+        raise ConfigError(f"{where}: names no file")
+    file = Path(name).expanduser()
+    file = file if file.is_absolute() else base / file
+    try:
+        with open(file, "rb") as fh:
+            data = fh.read(SECRET_FILE_MAX + 1)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {file}: {exc.strerror or exc}") from None
+    if len(data) > SECRET_FILE_MAX:
+        raise ConfigError(f"{where}: {file} is larger than {SECRET_FILE_MAX} bytes; "
+                          "it should hold one line")
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {file} is not UTF-8 text") from None
+    if not text or "\n" in text:
+        raise ConfigError(f"{where}: {file} must hold the value on one line "
+                          f"({'it is empty' if not text else 'it has several'})")
+    return text

@@ -27,11 +27,13 @@ from .config import NodeConfig
 from .dispatch import Dispatcher
 from .gate import Gate
 from .keys import ensure_node_keys
+from .loopwatch import LoopWatch
 from .metrics import Metrics
-from .services import NodeView, ServiceRegistry
+from .services import NodeView, ServiceRegistry, frame_service
 from .storage import open_storage, redact_url
 from .transport import Session
 from .version import __version__
+from .workers import Workers
 
 __all__ = ["Node"]
 
@@ -62,6 +64,10 @@ class Node:
         self._stopped = asyncio.Event()
         self._status_task: asyncio.Task | None = None
         self.metrics_server = None
+        #: Handlers' thread and process pools (``self.run_in_thread`` / ``run_in_process``).
+        self.workers = Workers(config.worker_threads, config.worker_processes)
+        #: The event loop's watchdog (None when ``loop_block_threshold`` is 0).
+        self.loopwatch: LoopWatch | None = None
 
     @property
     def inflight(self) -> int:
@@ -72,6 +78,8 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
+        for line in cfg.warnings:
+            log.warning("%s", line)
         self.key, created = await loop.run_in_executor(
             None, ensure_node_keys, cfg.keys_dir, cfg.key_type, cfg.rsa_key_length)
         if created:
@@ -104,6 +112,12 @@ class Node:
                 health=health_check(lambda: not self.stopping and self._server.is_serving(),
                                     lambda: self.storage.ping()))
             await self.metrics_server.start()
+        if cfg.loop_block_threshold > 0:
+            self.loopwatch = LoopWatch(
+                cfg.loop_block_threshold, identify=frame_service,
+                observe=lambda lag: self.metrics.observe("loop_lag", lag),
+                on_block=lambda lag, service: self.metrics.incr("loop_blocked"))
+            self.loopwatch.start()
         self._status_task = loop.create_task(self._write_status_loop(), name="status file")
 
     def _wire(self) -> None:
@@ -120,7 +134,7 @@ class Node:
         self.dispatcher = Dispatcher(
             gate=self.gate, builtins=self.builtins, registry=lambda: self.registry,
             metrics=self.metrics, node_id=self.network.id, config=cfg,
-            service_view=NodeView(cfg, self.key))
+            service_view=NodeView(cfg, self.key, self.workers))
         self.router = Router(self.network, self.dispatcher.finished, cfg.max_hops)
         self.dispatcher.router = self.router
 
@@ -146,7 +160,8 @@ class Node:
                 "links_up": sum(1 for l in net.links.values() if l.up) if net else 0,
                 "links": len(net.links) if net else 0,
                 "routes": sum(len(c) for c in net.engine.best.values()) if net else 0,
-                "uptime_seconds": round(time.time() - self.started_at, 3)}
+                "uptime_seconds": round(time.time() - self.started_at, 3),
+                **self.workers.stats()}
 
     def status_snapshot(self) -> dict:
         """What ``/_node/status`` answers and ``data/status.json`` holds (no secrets)."""
@@ -250,6 +265,8 @@ class Node:
             for t in list(s.tasks):
                 t.cancel()
             s.close(Status.UNAVAILABLE if cut else Status.OK, "node shutting down")
+        # Handlers are cancelled: work not started is dropped, worker processes ended.
+        self.workers.close()
         if self.network is not None:
             await self.network.stop()
         if self._server is not None:
@@ -260,6 +277,8 @@ class Node:
         if self.storage is not None:
             await self.storage.close()
         status_file.remove_status(self.config.data_dir)
+        if self.loopwatch is not None:
+            self.loopwatch.stop()
         self._stopped.set()
         log.info("stopped")
 

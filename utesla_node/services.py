@@ -24,7 +24,8 @@ from pathlib import Path
 
 from protocol.errors import BadRequest, NotFound
 
-__all__ = ["Handler", "ServiceRegistry", "Service", "split_path", "SEGMENT_RE", "METHODS", "NodeView"]
+__all__ = ["Handler", "ServiceRegistry", "Service", "split_path", "SEGMENT_RE", "METHODS", "NodeView",
+           "frame_service"]
 
 log = logging.getLogger("utesla.services")
 
@@ -108,13 +109,16 @@ class _FromContext:
 
 class NodeView:
     """What a service sees of the node it runs in (``self.node``): its configuration,
-    its key pair and its fingerprint.  One object per node, shared by every request, so
-    services may also keep node-wide state on it."""
+    its key pair and its fingerprint, and its worker pools (``workers``, a
+    :class:`utesla_node.workers.Workers`; handlers use them through
+    :meth:`Handler.run_in_thread` and :meth:`Handler.run_in_process`).  One object per
+    node, shared by every request, so services may also keep node-wide state on it."""
 
-    def __init__(self, config, key):
+    def __init__(self, config, key, workers=None):
         self.config = config
         self.key = key
         self.fingerprint = key.public.fingerprint()
+        self.workers = workers
 
 
 class Handler:
@@ -155,6 +159,28 @@ class Handler:
 
     def flush(self):
         return self._ctx.flush()
+
+    def run_in_thread(self, fn, /, *args, **kwargs):
+        """``await self.run_in_thread(fn, *args)``: run blocking work (files, a driver
+        without asyncio, ``time.sleep``) in one of the node's worker threads, so other
+        requests go on meanwhile; returns what ``fn`` returns (or raises what it raises).
+
+        At most ``[server] worker_threads`` run at once; the rest wait their turn.  If
+        the client leaves, the handler is cancelled at once: work that has not started
+        never starts, work that has finishes and its result is dropped.
+        """
+        return self._ctx.node.workers.run_in_thread(fn, *args, **kwargs)
+
+    def run_in_process(self, fn, /, *args, **kwargs):
+        """``await self.run_in_process(fn, *args)``: run CPU-heavy Python (hashing,
+        parsing, compressing) in one of the node's worker processes, where it holds no
+        lock the event loop needs.  ``fn`` is a module-level function (this service's
+        own are fine) and its arguments and result must pickle.
+
+        At most ``[server] worker_processes`` run at once; if the client leaves, work
+        that has not started is cancelled, work that has runs on and is dropped.
+        """
+        return self._ctx.node.workers.run_in_process(fn, *args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -251,6 +277,26 @@ class ServiceRegistry:
 
 
 _NAMESPACE = "_utesla_services"
+#: A global of every service module: the service's path.
+_SERVICE_MARK = "__utesla_service__"
+
+
+def frame_service(frame) -> tuple[str | None, str]:
+    """Which service the running ``frame`` (and its callers) belongs to: (its path,
+    ``file:line in function`` of the innermost service frame), or (None, the innermost
+    frame's place) when no service is on the stack.  For :mod:`utesla_node.loopwatch`."""
+    first = frame
+    while frame is not None:
+        path = frame.f_globals.get(_SERVICE_MARK)
+        if path is not None:
+            return path, _place(frame)
+        frame = frame.f_back
+    return None, _place(first)
+
+
+def _place(frame) -> str:
+    code = frame.f_code
+    return f"{Path(code.co_filename).name}:{frame.f_lineno} in {code.co_name}"
 
 
 def _module_segment(segment: str) -> str:
@@ -269,6 +315,8 @@ def _load_handler(file: Path, gen: int, name: tuple[str, ...]) -> type | None:
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {file}")
     module = importlib.util.module_from_spec(spec)
+    # Read by frame_service(): the loop watchdog names the service that blocks the loop.
+    module.__dict__[_SERVICE_MARK] = "/" + "/".join(name)
     sys.modules[modname] = module
     try:
         spec.loader.exec_module(module)

@@ -32,6 +32,8 @@ from protocol.events import (AuthenticationRequested, ConnectionClosed, DataRece
                              GoAwayReceived, HandshakeCompleted, PongReceived,
                              RequestReceived, ResponseReceived, StreamReset, WindowUpdated)
 
+from .proxy import Proxy, open_socket
+
 __all__ = ["Session", "Stream", "ConnectionLost", "READ_SIZE"]
 
 log = logging.getLogger("utesla.transport")
@@ -275,10 +277,16 @@ class _Writer:
 
 
 async def connect(host: str, port: int, *, identity, user: str, server_key: PublicKey,
-                  settings=None, high_water: int = 1 << 20, name: str = "") -> "Session":
+                  settings=None, high_water: int = 1 << 20, name: str = "",
+                  proxy: "Proxy | None" = None, proxy_timeout: float | None = None
+                  ) -> "Session":
     """Open a TCP connection and begin a client session's handshake on it (a user's, or
     a node's link to a peer); ``await session.wait_ready()`` for the keys.  OSError
-    when the connection cannot be made."""
+    when the connection cannot be made (:class:`~utesla_node.proxy.ProxyError`, one of
+    them, when ``proxy`` cannot be used).
+
+    ``proxy``: a SOCKS5 proxy (:mod:`utesla_node.proxy`) to reach ``host:port``
+    through; the socket it returns carries the same session as a direct one."""
     loop = asyncio.get_running_loop()
 
     def factory() -> Session:
@@ -286,7 +294,15 @@ async def connect(host: str, port: int, *, identity, user: str, server_key: Publ
                           settings=settings)
         return Session(conn, high_water=high_water, name=name or f"{host}:{port}")
 
-    _, session = await loop.create_connection(factory, host, port)
+    if proxy is None:
+        _, session = await loop.create_connection(factory, host, port)
+    else:
+        sock = await open_socket(proxy, host, port, proxy_timeout)
+        try:
+            _, session = await loop.create_connection(factory, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
     session._keeper = loop.create_task(_keep(session), name=f"session {session.name}")
     return session
 

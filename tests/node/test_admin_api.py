@@ -243,7 +243,8 @@ async def test_networks_join_peers_with_the_running_nodes_links(admin, clock):
     assert (up.state, up.rtt_ms, up.routes, up.token_expires_at) == ("up", 0.7, 2, 99.0)
     assert (new.state, new.rtt_ms, new.routes) == ("pending", None, None)
     assert list(up.as_dict()) == ["url", "user", "priority", "key", "state", "rtt_ms",
-                                  "routes", "last_error", "token_expires_at", "renew_error"]
+                                  "routes", "last_error", "token_expires_at", "renew_error",
+                                  "proxy"]
 
 
 async def test_services_come_from_the_running_node(admin, clock):

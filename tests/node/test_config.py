@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from utesla_node.config import ConfigError, NodeConfig, find_config, load_config
+from utesla_node.config import ConfigError, NodeConfig, env_name, find_config, load_config
 from utesla_node.storage import open_storage
 
 
@@ -118,3 +118,101 @@ def test_overrides(tmp_path):
     assert cfg.port == 0 and cfg.host == "127.0.0.1"
     with pytest.raises(ConfigError):
         load_config(None, no_such_setting=1)
+
+
+# --------------------------------------------------------------------------- the environment
+
+def test_precedence_flag_then_environment_then_node_ini_then_default(tmp_path):
+    (tmp_path / "node.ini").write_text("[server]\nport = 17001\nhost = 10.0.0.1\n"
+                                       "[network]\nmax_hops = 5\n")
+    ini = tmp_path / "node.ini"
+    env = {"UTESLA_SERVER_PORT": "17002", "UTESLA_NETWORK_GOSSIP_INTERVAL": "0.5"}
+    assert load_config(None, environ={}).port == 17000                       # default
+    assert load_config(ini, environ={}).port == 17001                        # node.ini
+    cfg = load_config(ini, environ=env)
+    assert (cfg.port, cfg.host, cfg.max_hops, cfg.gossip_interval) == (
+        17002, "10.0.0.1", 5, 0.5)                                           # environment
+    assert load_config(ini, environ=env, port=17003).port == 17003          # flag
+    assert load_config(None, environ=env).port == 17002                     # no file at all
+    assert cfg.warnings == []
+
+
+def test_every_key_has_its_variable_and_sections_with_spaces_use_underscores(tmp_path):
+    cfg = load_config(None, environ={"UTESLA_CRYPT_LIMITS_KEY_TYPE": "RSA",
+                                     "UTESLA_CRYPT_LIMITS_RSA_KEY_LENGTH": "4096",
+                                     "UTESLA_LOGGING_FORMAT": "json",
+                                     "UTESLA_METRICS_LISTEN": "127.0.0.1:9100",
+                                     "UTESLA_SERVER_WORKER_THREADS": "3"})
+    assert (cfg.key_type, cfg.rsa_key_length, cfg.log_format, cfg.metrics_listen,
+            cfg.worker_threads) == ("rsa", 4096, "json", "127.0.0.1:9100", 3)
+    # rsa_key_length alone asks for an RSA key, from the environment as from node.ini.
+    assert load_config(None, environ={"UTESLA_CRYPT_LIMITS_RSA_KEY_LENGTH": "2048"}
+                       ).key_type == "rsa"
+    assert env_name("crypt limits", "token_expire") == "UTESLA_CRYPT_LIMITS_TOKEN_EXPIRE"
+
+
+def test_a_bad_value_in_the_environment_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={"UTESLA_SERVER_PORT": "seventeen"})
+    assert str(info.value).startswith("environment variable UTESLA_SERVER_PORT = 'seventeen'")
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={"UTESLA_NETWORK_PROXY": "ftp://u:SECRETPW@h:1"})
+    assert "UTESLA_NETWORK_PROXY" in str(info.value) and "SECRETPW" not in str(info.value)
+
+
+def test_unknown_variables_that_look_like_settings_are_warned_about():
+    cfg = load_config(None, environ={"UTESLA_SERVER_PROT": "1",
+                                     "UTESLA_DB_PASSWORD": "pw", "UTESLA_PROXY": "",
+                                     "UTESLA_TEST_MYSQL_URL": "mysql://x", "HOME": "/"})
+    assert cfg.warnings == [
+        "environment variable UTESLA_SERVER_PROT is not a setting and is ignored "
+        "(did you mean UTESLA_SERVER_PORT?)"]
+    # A misspelt section looks like a setting too when it is close to one.
+    cfg = load_config(None, environ={"UTESLA_DATABSE_URL": "x",
+                                     "UTESLA_METRICS_XYZZY_QUUX_FROB": "1"})
+    assert cfg.warnings == [
+        "environment variable UTESLA_DATABSE_URL is not a setting and is ignored "
+        "(did you mean UTESLA_DATABASE_URL?)",
+        "environment variable UTESLA_METRICS_XYZZY_QUUX_FROB is not a setting and is "
+        "ignored"]
+
+
+def test_secrets_from_files(tmp_path):
+    (tmp_path / "db.url").write_text("mysql://utesla:S3CRET@db:3306/utesla\n")
+    (tmp_path / "proxy").write_text("socks5h://me:PXSECRET@127.0.0.1:9050")
+    cfg = _load(tmp_path, "[database]\nurl_file = db.url\n[network]\nproxy_file = proxy\n")
+    assert cfg.database_url == "mysql://utesla:S3CRET@db:3306/utesla"
+    assert cfg.proxy == "socks5h://me:PXSECRET@127.0.0.1:9050"
+    # The environment's file wins over node.ini's value, and is read relative to node.ini.
+    (tmp_path / "other.url").write_text("mysql://other@db/x")
+    cfg = _load(tmp_path, "[database]\nurl = mysql://ini@db/x\n")
+    assert cfg.database_url == "mysql://ini@db/x"
+    cfg = load_config(tmp_path / "node.ini", environ={"UTESLA_DATABASE_URL_FILE": "other.url"})
+    assert cfg.database_url == "mysql://other@db/x"
+    # A relative sqlite URL from the environment is relative to node.ini, as every path.
+    cfg = load_config(tmp_path / "node.ini", environ={"UTESLA_DATABASE_URL": "sqlite:n.db"})
+    assert cfg.database_url == f"sqlite://{tmp_path}/n.db"
+
+
+@pytest.mark.parametrize("text,env,files,needles", [
+    ("[database]\nurl = mysql://a@h/d\nurl_file = db.url\n", {}, {"db.url": "mysql://b@h/d"},
+     ["[database] url", "given twice", "url_file"]),
+    ("", {"UTESLA_DATABASE_URL": "mysql://a@h/d", "UTESLA_DATABASE_URL_FILE": "db.url"},
+     {"db.url": "mysql://b@h/d"}, ["given twice", "UTESLA_DATABASE_URL"]),
+    ("[database]\nurl_file = missing.url\n", {}, {}, ["url_file", "missing.url",
+                                                       "No such file"]),
+    ("[database]\nurl_file = two.url\n", {}, {"two.url": "a\nb\n"}, ["one line"]),
+    ("[database]\nurl_file = empty.url\n", {}, {"empty.url": "\n"}, ["empty"]),
+    ("[server]\nport_file = p\n", {}, {"p": "1"}, ["[server] port_file", "unknown key"]),
+])
+def test_bad_secret_files_are_errors(tmp_path, text, env, files, needles):
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    (tmp_path / "node.ini").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "node.ini", environ=env)
+    for n in needles:
+        assert n in str(info.value), (n, str(info.value))
+    assert "mysql://b@h/d" not in str(info.value)
+
+

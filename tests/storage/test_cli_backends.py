@@ -237,6 +237,44 @@ def test_blog_flow_through_console_scripts(db: Db, tmp_path: Path,
     assert node.proc.poll() is None, node.log()
 
 
+def test_a_container_style_node_configured_from_the_environment(
+        mariadb_backend: MariaDBBackend, db_user: DbUser, tmp_path: Path,
+        nodes: list[NodeProcess]) -> None:
+    """No node.ini at all: the port from UTESLA_SERVER_PORT, the database URL from a secret
+    file (UTESLA_DATABASE_URL_FILE, as Docker or systemd mount one), its password from
+    UTESLA_DB_PASSWORD; utesla-cli administers the same database the same way."""
+    from helpers import free_port
+    server = mariadb_backend.server
+    folder = tmp_path / "container"
+    (folder / "complements").mkdir(parents=True)
+    shutil.copy(REPO / "complements" / "hello_world.py", folder / "complements")
+    secret = tmp_path / "secrets" / "db_url"
+    secret.parent.mkdir()
+    secret.write_text(mysql_url(server, mariadb_backend.database, db_user.name) + "\n")
+    port = free_port()
+    env = {"UTESLA_SERVER_PORT": str(port), "UTESLA_DATABASE_URL_FILE": str(secret),
+           "UTESLA_DB_PASSWORD": db_user.password, "UTESLA_SERVER_PROT": "1"}
+    node = NodeProcess(folder, env=env)
+    nodes.append(node)
+    node.start()
+    assert node.port == port
+    assert "UTESLA_SERVER_PROT is not a setting and is ignored (did you mean " \
+           "UTESLA_SERVER_PORT?)" in node.log()
+    pub, priv = keys(folder, "alice")
+    added = cli(folder, "add", "-u", "alice", "-p", "pw", "-i", pub, env=env)
+    assert "warning: environment variable UTESLA_SERVER_PROT" in added.stderr
+    # The user went to MariaDB (there is no SQLite database in the folder).
+    assert mariadb_backend.execute("SELECT name FROM users") == [("alice",)]
+    assert not (folder / "data" / "utesla.db").exists()
+    token = token_from(folder, node, "alice", "pw", pub, priv)
+    assert call(folder, node, "alice", priv, token).stdout == HELLO
+    # A flag beats the environment.
+    flagged = NodeProcess(folder, "--port", "0", env=env)
+    nodes.append(flagged)
+    flagged.start()
+    assert flagged.port not in (0, port)
+
+
 def test_mariadb_password_from_environment(mariadb_backend: MariaDBBackend, db_user: DbUser,
                                            tmp_path: Path, nodes: list[NodeProcess]) -> None:
     server = mariadb_backend.server

@@ -403,6 +403,26 @@ def test_peer_repr_hides_token() -> None:
     assert "utesla://" in repr(p)
 
 
+def test_peer_repr_hides_its_proxy_password() -> None:
+    p = peer(proxy="socks5h://me:PROXYSECRET@127.0.0.1:9050")
+    assert "PROXYSECRET" not in repr(p)
+    with pytest.raises(ValueError, match="peer proxy"):
+        peer(proxy="socks5h://" + "x" * 1100)
+
+
+async def test_a_peer_keeps_its_proxy(storage: Storage) -> None:
+    """Schema version 2: add_network --proxy is stored per peer, and replaced with it."""
+    await storage.add_peer(peer("utesla://b:17000", proxy="socks5h://u:p@127.0.0.1:9050"))
+    await storage.add_peer(peer("utesla://c:17000"))
+    got = {p.url: p.proxy for p in await storage.list_peers()}
+    assert got == {"utesla://b:17000": "socks5h://u:p@127.0.0.1:9050", "utesla://c:17000": ""}
+    await storage.add_peer(peer("utesla://b:17000", proxy="direct"), overwrite=True)
+    await storage.add_peer(peer("utesla://c:17000", proxy="socks5://127.0.0.1:1080"),
+                           overwrite=True)
+    assert (await storage.get_peer("utesla://b:17000")).proxy == "direct"
+    assert (await storage.get_peer("utesla://c:17000")).proxy == "socks5://127.0.0.1:1080"
+
+
 # --------------------------------------------------------------------------- schema and lifecycle
 
 async def test_reopen_existing_database(backend: Backend) -> None:
@@ -417,6 +437,38 @@ async def test_reopen_existing_database(backend: Backend) -> None:
         await again.ping()
         await again.close()
     assert stored_version(backend) == SCHEMA_VERSION
+
+
+async def test_a_version_1_database_is_migrated_with_its_peers(backend: Backend) -> None:
+    """A database written before peers had a proxy (schema 1) opens: the column is added,
+    the stored peers keep everything and read back with no proxy of their own."""
+    if backend.kind == "sqlite":
+        from utesla_node.storage.sqlite import DIALECT
+    else:
+        from utesla_node.storage.mariadb import DIALECT
+    for statement in (*DIALECT.schema[1], DIALECT.meta_ddl):
+        backend.execute(statement)
+    backend.execute("INSERT INTO meta (name, value) VALUES ('schema_version', 1)")
+    backend.execute(
+        "INSERT INTO peers (url, public_key, user_name, token, priority, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        ("utesla://old:17000", "-----BEGIN PUBLIC KEY-----\nOLD\n", "node-a", "ut1_OLD", 3, T0))
+    store = backend.make()
+    await store.open()
+    try:
+        old = await store.get_peer("utesla://old:17000")
+        assert old == peer("utesla://old:17000", public_key="-----BEGIN PUBLIC KEY-----\nOLD\n",
+                           token="ut1_OLD", priority=3)
+        assert old.proxy == ""
+        await store.add_peer(peer("utesla://new:17000", proxy="socks5h://127.0.0.1:9050"))
+        assert (await store.get_peer("utesla://new:17000")).proxy == "socks5h://127.0.0.1:9050"
+    finally:
+        await store.close()
+    assert stored_version(backend) == SCHEMA_VERSION == 2
+    again = backend.make()              # and a migrated database opens as it is
+    await again.open()
+    assert len(await again.list_peers()) == 2
+    await again.close()
 
 
 async def test_newer_schema_is_refused(backend: Backend) -> None:

@@ -28,6 +28,7 @@ from .. import __version__
 from ..admin import (Admin, NetworkRow, NoDatabase, NodeNotRunning, is_node_folder, peer_url,
                      remote_status)
 from ..keys import load_private_key, load_public_key, write_key_pair
+from ..proxy import parse_proxy
 from .common import (Progress, alias, config_option, fail, load_cfg, load_key_pair,
                      read_password, read_secret, run_async, user_errors)
 
@@ -317,10 +318,16 @@ def renew(user, token_id, expire, config_path):
 
 # --------------------------------------------------------------------------- talking to a node
 
-def _client(url, user, private_key, node_key, token=None, timeout=30.0):
+def _client(url, user, private_key, node_key, token=None, timeout=30.0, proxy=None):
     from ..client import Client
     return Client(url, user=user, private_key=private_key, node_key=node_key, token=token,
-                  timeout=timeout)
+                  timeout=timeout, proxy=proxy)
+
+
+proxy_option = click.option(
+    "--proxy", default=None, envvar="UTESLA_PROXY", show_envvar=True,
+    help="Connect through this SOCKS5 proxy: socks5h://[user:pass@]host:port (the proxy "
+         "resolves names, onion names too) or socks5://.")
 
 
 @main.command("generate_token", context_settings=CONTEXT)
@@ -335,14 +342,17 @@ def _client(url, user, private_key, node_key, token=None, timeout=30.0):
               type=click.Path(dir_okay=False))
 @click.option("--scope", "scopes", multiple=True, help="Limit the token to these service globs.")
 @click.option("--expire", type=float, default=None, help="Lifetime in seconds.")
+@proxy_option
 @user_errors
-def generate_token(url, user, password, server_key, public_key, private_key, scopes, expire):
+def generate_token(url, user, password, server_key, public_key, private_key, scopes, expire,
+                   proxy):
     """Get an access token from a node (prints it)."""
+    proxy = parse_proxy(proxy)
     priv = load_key_pair(public_key, private_key)
     password = read_password(password)
 
     async def go():
-        async with _client(url, user, priv, server_key) as c:
+        async with _client(url, user, priv, server_key, proxy=proxy) as c:
             return await c.generate_token(password, scopes=list(scopes) or None, expire=expire)
 
     click.echo(run_async(go()))
@@ -366,12 +376,14 @@ alias(main, generate_token, "generate-token")
 @click.option("-s", "--server-key", "server_key", required=True, type=click.Path(dir_okay=False))
 @click.option("-t", "--token", default=None, help="Access token ('-' reads standard input).")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
+@proxy_option
 @user_errors
 def call(url, method, data, upload, output, arguments, user, private_key, server_key, token,
-         timeout):
+         timeout, proxy):
     """Send one request to URL and print (or save) the answer: a curl for utesla."""
     from ..client import parse_url
     _, _, path = parse_url(url)
+    proxy = parse_proxy(proxy)
     if token == "-":
         token = sys.stdin.readline().strip()
     args = {}
@@ -384,7 +396,7 @@ def call(url, method, data, upload, output, arguments, user, private_key, server
         fail("give -d or --upload, not both")
 
     async def go():
-        async with _client(url, user, private_key, server_key, token, timeout) as c:
+        async with _client(url, user, private_key, server_key, token, timeout, proxy) as c:
             body, fh, up = b"", None, None
             if upload:
                 fh = open(upload, "rb")
@@ -445,6 +457,11 @@ async def _counted(fh, progress):
 @click.option("--priority", type=int, default=0, show_default=True,
               help="Lower is preferred among equally short routes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing entry for URL.")
+@click.option("--proxy", default="",
+              help="Reach this peer through this SOCKS5 proxy (socks5h://[user:pass@]host:port"
+                   ", or 'direct' for none), whatever [network] proxy says; stored with the "
+                   "peer.  The check before storing goes the same way (without --proxy: "
+                   "through [network] proxy, if set).")
 @click.option("--wait", is_flag=True,
               help="Return only once the running node has the link up and the peer's table.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
@@ -453,7 +470,7 @@ async def _counted(fh, progress):
 @config_option
 @user_errors
 def add_network(url, server_key, public_key, private_key, user, token, priority, overwrite,
-                wait, wait_timeout, create, config_path):
+                proxy, wait, wait_timeout, create, config_path):
     """Link this node to a peer: its services become reachable through this node.
 
     The peer must answer, prove its key, and accept our account and token
@@ -462,6 +479,7 @@ def add_network(url, server_key, public_key, private_key, user, token, priority,
     and fails at once, storing nothing, when no node is running.
     """
     url = peer_url(url)
+    parse_proxy(proxy)                  # a malformed proxy is reported before anything else
     priv = load_key_pair(public_key, private_key)
     peer_key = load_public_key(server_key)
     admin = _admin(config_path, f"add network {url}", create)
@@ -471,8 +489,10 @@ def add_network(url, server_key, public_key, private_key, user, token, priority,
 
     async def go(admin):
         peer = await admin.add_peer(url, node_key=priv, peer_key=peer_key, user=user,
-                                    token=token, priority=priority, overwrite=overwrite)
-        click.echo(f"network {peer.url} added (peer key {peer.key}, as {user})")
+                                    token=token, priority=priority, overwrite=overwrite,
+                                    proxy=proxy)
+        via = f", through {peer.proxy}" if peer.proxy and peer.proxy != "direct" else ""
+        click.echo(f"network {peer.url} added (peer key {peer.key}, as {user}{via})")
         if wait:
             await admin.close()         # the database is not needed while waiting
             link = await admin.wait_for_link(peer, wait_timeout)
@@ -531,6 +551,8 @@ def show_networks(as_json, config_path):
         routes = str(r.routes if r.routes is not None else "-")
         click.echo(f"{r.url:<28} {r.user:<12} {r.priority:>3} {r.state:<11} "
                    f"{rtt:>7} {routes:>6}  {r.key}")
+        if r.proxy:
+            click.echo(f"    proxy: {r.proxy}")
         if r.last_error and r.state != "up":
             click.echo(f"    last error: {r.last_error}")
         if r.renew_error:
@@ -563,13 +585,14 @@ alias(main, show_services, "show-services")
 
 # --------------------------------------------------------------------------- status and graph
 
-def _status_for(url, user, private_key, server_key, token, config_path) -> dict:
+def _status_for(url, user, private_key, server_key, token, config_path, proxy=None) -> dict:
     """The node at ``url`` (as a user), else the one running with this configuration."""
     if url:
         if not (user and private_key and server_key):
             fail("querying a node by URL needs -u, -I and -s (and -t TOKEN)")
         return run_async(remote_status(url, user=user, private_key=private_key,
-                                       node_key=server_key, token=token))
+                                       node_key=server_key, token=token,
+                                       proxy=parse_proxy(proxy)))
     try:
         return Admin(load_cfg(config_path)).node_status()
     except NodeNotRunning as exc:
@@ -583,6 +606,7 @@ _remote_options = [
     click.option("-s", "--server-key", "server_key", default=None,
                  type=click.Path(dir_okay=False)),
     click.option("-t", "--token", default=None, help="Access token at that node."),
+    proxy_option,
 ]
 
 
@@ -598,9 +622,9 @@ def _with_remote(fn):
 @_with_remote
 @config_option
 @user_errors
-def status(url, as_json, user, private_key, server_key, token, config_path):
+def status(url, as_json, user, private_key, server_key, token, proxy, config_path):
     """A node's identity, uptime, traffic, links and routes (this machine's node by default)."""
-    st = _status_for(url, user, private_key, server_key, token, config_path)
+    st = _status_for(url, user, private_key, server_key, token, config_path, proxy)
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
@@ -636,10 +660,10 @@ def status(url, as_json, user, private_key, server_key, token, config_path):
 @_with_remote
 @config_option
 @user_errors
-def graph(url, fmt, output, user, private_key, server_key, token, config_path):
+def graph(url, fmt, output, user, private_key, server_key, token, proxy, config_path):
     """The network as a node sees it: Graphviz DOT, Mermaid, JSON or an HTML/SVG page."""
     from ..graph import render
-    st = _status_for(url, user, private_key, server_key, token, config_path)
+    st = _status_for(url, user, private_key, server_key, token, config_path, proxy)
     g = st.get("network", {}).get("graph") or {"nodes": [], "edges": []}
     text = render(g, fmt)
     if output:

@@ -71,8 +71,15 @@ config_option = click.option(
     help="node.ini to use (default: ./node.ini if present, else built-in defaults).")
 
 
-def load_cfg(config_path: str | None, **overrides) -> NodeConfig:
-    return load_config(find_config(config_path), **overrides)
+def load_cfg(config_path: str | None, *, warn: bool = True, **overrides) -> NodeConfig:
+    """The configuration (``--config``, else ./node.ini, else defaults; the environment;
+    ``overrides`` from flags).  ``warn``: print its warnings (unknown ``UTESLA_``
+    variables) on stderr; the node logs them itself instead."""
+    cfg = load_config(find_config(config_path), **overrides)
+    if warn:
+        for line in cfg.warnings:
+            click.echo(f"warning: {line}", err=True)
+    return cfg
 
 
 def read_password(value: str | None, prompt: str = "Password", confirm: bool = False) -> str:

@@ -70,7 +70,7 @@ def main(config_path, host, port, log_level):
     (created on first start) and its SQLite database in ./data.
     """
     try:
-        cfg = load_cfg(config_path, host=host, port=port,
+        cfg = load_cfg(config_path, warn=False, host=host, port=port,
                        log_level=log_level.upper() if log_level else None)
     except EXPECTED as exc:
         fail(str(exc))

@@ -145,8 +145,8 @@ class Network:
         peers = {p.url: p for p in await self.storage.list_peers()}
         for url, link in list(self.links.items()):
             p = peers.get(url)
-            if p is None or (p.public_key, p.user, p.token) != (
-                    link.peer.public_key, link.peer.user, link.peer.token):
+            if p is None or (p.public_key, p.user, p.token, p.proxy) != (
+                    link.peer.public_key, link.peer.user, link.peer.token, link.peer.proxy):
                 log.info("peer %s %s", url, "removed" if p is None else "changed")
                 del self.links[url]
                 self._links_changed()

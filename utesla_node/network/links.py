@@ -6,6 +6,11 @@ keeps one gossip subscription open (``GET /_node/net/routes``: a streamed
 response of length-prefixed gossip messages), pings it every heartbeat, and
 carries forwarded requests.  When the link breaks its routes are withdrawn and
 it reconnects with exponential backoff and jitter.
+
+A link may go through a SOCKS5 proxy (:mod:`utesla_node.proxy`): the peer's own
+(``add_network --proxy``), else the node's ``[network] proxy``.  A proxy that is down
+or refuses us is a failed connection like any other: its reason in ``last_error`` and
+the log, then the backoff.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from protocol.crypto import PublicKey
 from protocol.errors import ProtocolError, Status, StatusError
 
 from ..client import parse_url
+from ..proxy import ProxyError, choose
 from ..storage import Peer
 from ..transport import ConnectionLost, Session, connect
 from .gossip import GossipError, decode_message
@@ -56,6 +62,8 @@ class Link:
         self.peer_key = PublicKey.from_bytes(peer.public_key)
         self.peer_id = self.peer_key.fingerprint()
         self.host, self.port, _ = parse_url(peer.url)
+        #: The SOCKS5 proxy this link goes through (None: direct).
+        self.proxy = choose(peer.proxy, network.config.proxy)
         self.state = "connecting"
         self.session: Session | None = None
         self.rtt: float | None = None
@@ -132,8 +140,15 @@ class Link:
             session = await asyncio.wait_for(
                 connect(self.host, self.port, identity=net.key, user=self.peer.user,
                         server_key=self.peer_key, settings=net.settings,
-                        high_water=cfg.write_high_water, name=f"link {self.peer.url}"),
+                        high_water=cfg.write_high_water, name=f"link {self.peer.url}",
+                        proxy=self.proxy, proxy_timeout=cfg.handshake_timeout),
                 cfg.handshake_timeout)
+        except asyncio.TimeoutError:    # (before OSError: on 3.11+ it is one)
+            via = f" through the proxy {self.proxy}" if self.proxy is not None else ""
+            raise ConnectionLost(f"cannot connect{via}: no connection within "
+                                 f"{cfg.handshake_timeout:g} s") from None
+        except ProxyError as exc:
+            raise ConnectionLost(str(exc)) from None
         except OSError as exc:
             raise ConnectionLost(f"cannot connect: {exc.strerror or exc}") from None
         self.session = session
@@ -275,6 +290,7 @@ class Link:
 
     def describe(self) -> dict:
         return {"url": self.peer.url, "user": self.peer.user, "node": self.peer_id,
+                "proxy": str(self.proxy) if self.proxy is not None else "",
                 "priority": self.peer.priority, "added": self.peer.created_at,
                 "state": self.state, "synced": self.synced,
                 "since": self.since, "rtt_ms": round(self.rtt * 1000, 3) if self.rtt else None,

@@ -32,19 +32,21 @@ from protocol.errors import Status
 from ..errors import NodeError
 
 __all__ = [
-    "SCHEMA_VERSION", "MAX_NAME_LEN", "MAX_URL_LEN", "TOKEN_HASH_LEN",
+    "SCHEMA_VERSION", "MAX_NAME_LEN", "MAX_URL_LEN", "MAX_PROXY_LEN", "TOKEN_HASH_LEN",
     "StorageError", "StorageUnavailable", "AlreadyExists", "NoSuchEntry", "TokenLimitReached",
     "SchemaTooNew", "User", "Token", "Peer", "Storage",
 ]
 
 #: Version of the database schema this code writes.  Bumped with every migration; a database
 #: whose ``meta`` table holds a larger number was written by newer code and is refused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Longest user name (characters).  MariaDB indexes ``VARCHAR(255)``; SQLite is held to the same.
 MAX_NAME_LEN = 255
 #: Longest peer URL (characters).
 MAX_URL_LEN = 512
+#: Longest proxy setting of a peer (characters).
+MAX_PROXY_LEN = 1024
 #: Longest password hash, and longest public key PEM (MariaDB's TEXT holds 65535 bytes).
 MAX_PASSWORD_HASH_LEN = 1024
 MAX_PUBLIC_KEY_LEN = 65535
@@ -198,7 +200,9 @@ class Peer:
 
     ``token`` is a secret we present to the peer, so it is kept out of ``repr`` (and thereby out
     of logs and tracebacks).  Lower ``priority`` values are preferred by convention of the
-    router; storage only orders by it.
+    router; storage only orders by it.  ``proxy`` is the SOCKS5 proxy the link goes through
+    (``add_network --proxy``; schema version 2): empty for the node's ``[network] proxy``,
+    ``direct`` for none; it may hold the proxy's password, so it is kept out of ``repr`` too.
     """
 
     url: str
@@ -207,6 +211,7 @@ class Peer:
     token: str = field(repr=False)
     priority: int = 0
     created_at: float = 0.0
+    proxy: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         check_text(self.url, "peer url", MAX_URL_LEN)
@@ -215,6 +220,10 @@ class Peer:
         check_text(self.token, "peer token", 1024)
         check_int32(self.priority, "priority")
         object.__setattr__(self, "created_at", check_time(self.created_at, "created_at"))
+        if self.proxy:
+            check_text(self.proxy, "peer proxy", MAX_PROXY_LEN)
+        elif not isinstance(self.proxy, str):
+            raise TypeError(f"peer proxy must be a str, not {type(self.proxy).__name__}")
 
 
 # --------------------------------------------------------------------------- checks for backends

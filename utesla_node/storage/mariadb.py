@@ -87,7 +87,9 @@ DIALECT = Dialect(
             priority   INT          NOT NULL DEFAULT 0,
             created_at DOUBLE       NOT NULL
         ) {_TABLE_OPTIONS}""",
-    )},
+    ),
+        # 2: a peer's own SOCKS5 proxy (add_network --proxy); '' = the node's [network] proxy.
+        2: ("ALTER TABLE peers ADD COLUMN IF NOT EXISTS proxy TEXT NOT NULL DEFAULT ''",)},
     meta_ddl="CREATE TABLE IF NOT EXISTS meta (name VARCHAR(64) NOT NULL PRIMARY KEY, "
              f"value BIGINT NOT NULL) {_TABLE_OPTIONS}",
     table_exists="SELECT 1 FROM information_schema.TABLES "

@@ -47,7 +47,7 @@ ONE, ALL, COUNT = "one", "all", "count"
 
 USER_COLS = ("name", "password_hash", "public_key", "token_limit", "guest", "scopes", "created_at")
 TOKEN_COLS = ("token_hash", "user_name", "created_at", "expires_at", "scopes", "revoked")
-PEER_COLS = ("url", "public_key", "user_name", "token", "priority", "created_at")
+PEER_COLS = ("url", "public_key", "user_name", "token", "priority", "created_at", "proxy")
 
 
 @dataclass(frozen=True)
@@ -205,12 +205,12 @@ def token_from_row(row: tuple[Any, ...]) -> Token:
 
 
 def peer_values(p: Peer) -> tuple[Any, ...]:
-    return (p.url, p.public_key, p.user, p.token, p.priority, p.created_at)
+    return (p.url, p.public_key, p.user, p.token, p.priority, p.created_at, p.proxy)
 
 
 def peer_from_row(row: tuple[Any, ...]) -> Peer:
     return Peer(url=row[0], public_key=row[1], user=row[2], token=row[3], priority=row[4],
-                created_at=row[5])
+                created_at=row[5], proxy=row[6])
 
 
 _USERS = f"SELECT {', '.join(USER_COLS)} FROM users"
@@ -233,8 +233,11 @@ def schema_version(d: Dialect) -> Plan[int | None]:
 
 def migrate(d: Dialect, where: str) -> Plan[None]:
     """Bring the schema to :data:`SCHEMA_VERSION`; the caller holds the migration lock."""
-    yield d.count(d.meta_ddl)
-    current = (yield from schema_version(d)) or 0  # re-read under the lock
+    current = yield from schema_version(d)         # re-read under the lock
+    if current is None:
+        # (Not run on an existing meta table: MariaDB would warn that it exists.)
+        yield d.count(d.meta_ddl)
+        current = 0
     for version in range(current + 1, SCHEMA_VERSION + 1):
         log.info("migrating %s database %s to schema version %d", d.name, where, version)
         for statement in d.schema[version]:

@@ -76,7 +76,9 @@ DIALECT = Dialect(
             priority   INTEGER NOT NULL DEFAULT 0,
             created_at REAL    NOT NULL
         )""",
-    )},
+    ),
+        # 2: a peer's own SOCKS5 proxy (add_network --proxy); '' = the node's [network] proxy.
+        2: ("ALTER TABLE peers ADD COLUMN proxy TEXT NOT NULL DEFAULT ''",)},
     meta_ddl="CREATE TABLE IF NOT EXISTS meta (name TEXT NOT NULL PRIMARY KEY, "
              "value INTEGER NOT NULL)",
     table_exists="SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
