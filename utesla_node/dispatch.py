@@ -235,7 +235,7 @@ class Dispatcher:
             if router is None:
                 raise NotFound(f"no service {req.path}")
             if router.service_for(parts) is None:
-                await router.settle(parts, deadline)       # links still coming up?
+                await router.settle(parts, t0, deadline)   # links still coming up?
             return router.forward(session, stream, parts, user.name, visited, hops, t0,
                                   deadline)
         service, rest = resolved

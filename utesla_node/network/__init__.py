@@ -76,6 +76,9 @@ class Network:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self._peers_read is not None:
+            self._tasks.append(self._peers_read)     # cancelled and awaited below
+            self._peers_read.cancel()
         for q in self.subscribers.values():
             q.put_nowait(None)
         await asyncio.gather(*(link.stop() for link in self.links.values()),
@@ -93,7 +96,11 @@ class Network:
                 f.set_result(None)
 
     _change_waiters: list = []
-    _peers_read_at = 0.0
+    #: The peers table read in flight (one at a time), and when it and the last finished
+    #: one started (time.monotonic()).
+    _peers_read: "asyncio.Future | None" = None
+    _peers_read_started = 0.0
+    _peers_read_done = -1.0
     #: A link this young that has not received its peer's first table is "settling".
     SETTLING = 5.0
 
@@ -115,16 +122,30 @@ class Network:
         except asyncio.TimeoutError:
             pass
 
-    async def refresh_peers(self) -> None:
-        """Read the peers table now (at most 20 times a second, whatever asks): a peer
+    async def refresh_peers(self, since: float) -> None:
+        """Make sure the peers table was read after ``since`` (time.monotonic()): a peer
         added a moment ago by ``utesla-cli add_network`` gets its link without waiting
-        for the next poll."""
-        if time.monotonic() - self._peers_read_at < 0.05:
-            return
+        for the next poll.  One read at a time, shared by everyone who asked meanwhile,
+        so a burst of requests costs one read, not one each."""
+        while self._peers_read_done < since:
+            fut = self._peers_read
+            if fut is None:
+                fut = self._peers_read = asyncio.ensure_future(self._read_peers())
+            started = self._peers_read_started
+            await asyncio.shield(fut)
+            if started >= since:
+                return
+
+    async def _read_peers(self) -> None:
+        """One read of the peers table (see refresh_peers); errors are logged, not raised."""
+        started = self._peers_read_started = time.monotonic()
         try:
             await self._sync_peers()
         except StorageError as exc:
             log.debug("cannot read the peers table: %s", exc)
+        finally:
+            self._peers_read = None
+            self._peers_read_done = started
 
     def local_services_changed(self) -> None:
         self.engine.set_local(self.local_services(), time.monotonic())
@@ -135,13 +156,9 @@ class Network:
     async def _watch_peers(self) -> None:
         while True:
             await asyncio.sleep(PEERS_POLL)
-            try:
-                await self._sync_peers()
-            except StorageError as exc:
-                log.debug("cannot read the peers table: %s", exc)
+            await self.refresh_peers(time.monotonic())
 
     async def _sync_peers(self) -> None:
-        self._peers_read_at = time.monotonic()
         peers = {p.url: p for p in await self.storage.list_peers()}
         for url, link in list(self.links.items()):
             p = peers.get(url)

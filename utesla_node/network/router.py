@@ -125,12 +125,15 @@ class Router:
         fwd.send(link)
         return True
 
-    async def settle(self, parts: list[str], deadline: float, limit: float = 2.0) -> None:
+    async def settle(self, parts: list[str], since: float, deadline: float,
+                     limit: float = 2.0) -> None:
         """A service unknown here while links are still coming up (the blog runs
         ``add_network`` and the client right after): wait for the first tables, at most
-        ``limit`` seconds and within the request's deadline, before answering 404."""
+        ``limit`` seconds and within the request's deadline, before answering 404.  The
+        peers table is read again unless a read began after ``since`` (the request's
+        arrival)."""
         net = self.network
-        await net.refresh_peers()
+        await net.refresh_peers(since)
         until = min(deadline, time.monotonic() + limit)
         while self.service_for(parts) is None and net.settling():
             left = until - time.monotonic()
