@@ -9,6 +9,10 @@
 
 Many requests may run concurrently on one client: they share one connection,
 each on its own stream.  After the connection breaks, the next call reconnects.
+
+A node closes the connections of a user it removed, or whose key it changed
+(CLOSE 401, docs/security.md): requests in flight then fail with ``Unauthorized``
+naming the reason, and so does the next call, when connecting again is refused.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from urllib.parse import urlsplit
 from protocol import Settings
 from protocol.crypto import PrivateKey, PublicKey
 from protocol.errors import (AuthenticationFailed, HandshakeFailed, BadRequest, Cancelled, ProtocolError,
-                             RequestTimeout, Status, StatusError, Unavailable, error_for_status)
+                             RequestTimeout, Status, StatusError, Unauthorized, Unavailable,
+                             error_for_status)
 from protocol.messages import MAX_METHOD, MAX_PATH
 
 from .keys import load_private_key, load_public_key
@@ -140,6 +145,9 @@ class Client:
         self.settings = settings or Settings()
         self._session: Session | None = None
         self._connecting: asyncio.Lock | None = None
+        #: Why the node ended our last session for revoked credentials (its CLOSE 401
+        #: reason), until a connection succeeds again.
+        self._revoked: str | None = None
 
     async def __aenter__(self) -> "Client":
         await self.connect()
@@ -162,8 +170,11 @@ class Client:
         async with self._connecting:
             if self.connected and not self._session.going_away:
                 return self._session
-            if self._session is not None and not self._session.is_open:
-                self._session.close()
+            old = self._session
+            if old is not None and not old.is_open:
+                old.close()
+                if old.peer_close is not None and old.peer_close[0] == Status.UNAUTHORIZED:
+                    self._revoked = old.peer_close[1] or "unauthorized"
             # A session that is going away keeps serving its in-flight requests until
             # the node closes it; new requests go to a fresh connection.
             self._session = None
@@ -185,11 +196,16 @@ class Client:
                 raise Unavailable(f"{self.host}:{self.port} closed the connection during "
                                   f"the handshake ({exc})") from None
             except HandshakeFailed as exc:
+                if isinstance(exc, AuthenticationFailed) and self._revoked:
+                    raise Unauthorized(
+                        f"{self.host}:{self.port} closed this user's connection "
+                        f"({self._revoked}) and refuses to authenticate it again") from None
                 if isinstance(exc, AuthenticationFailed) or exc.code != Status.UNAVAILABLE:
                     raise
                 raise Unavailable(f"{self.host}:{self.port} cannot authenticate anyone right "
                                   f"now (its database is unavailable)") from None
             self._session = session
+            self._revoked = None
             return session
 
     async def close(self) -> None:

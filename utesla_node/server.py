@@ -28,6 +28,7 @@ from .dispatch import Dispatcher
 from .gate import Gate
 from .keys import ensure_node_keys
 from .metrics import Metrics
+from .revocation import RevocationWatcher
 from .services import NodeView, ServiceRegistry
 from .storage import open_storage, redact_url
 from .transport import Session
@@ -62,6 +63,7 @@ class Node:
         self._stopped = asyncio.Event()
         self._status_task: asyncio.Task | None = None
         self.metrics_server = None
+        self.revocations: RevocationWatcher | None = None
 
     @property
     def inflight(self) -> int:
@@ -105,6 +107,7 @@ class Node:
                                     lambda: self.storage.ping()))
             await self.metrics_server.start()
         self._status_task = loop.create_task(self._write_status_loop(), name="status file")
+        self.revocations.start()
 
     def _wire(self) -> None:
         """Build the parts and hand each its collaborators."""
@@ -123,6 +126,9 @@ class Node:
             service_view=NodeView(cfg, self.key))
         self.router = Router(self.network, self.dispatcher.finished, cfg.max_hops)
         self.dispatcher.router = self.router
+        self.revocations = RevocationWatcher(
+            self.storage, lambda: self.sessions, forget_user=self.gate.forget_user,
+            interval=cfg.credential_check_interval, metrics=self.metrics)
 
     async def prometheus(self) -> str:
         """The metrics page: counters, gauges, per-link figures, live traffic."""
@@ -220,6 +226,8 @@ class Node:
             self._server.close()
         if self._status_task is not None:
             self._status_task.cancel()
+        if self.revocations is not None:
+            await self.revocations.stop()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         if self.network is not None:
