@@ -145,8 +145,7 @@ class Client:
         self.settings = settings or Settings()
         self._session: Session | None = None
         self._connecting: asyncio.Lock | None = None
-        #: Why the node ended our last session for revoked credentials (its CLOSE 401
-        #: reason), until a connection succeeds again.
+        #: Why the node ended the last session we dropped, if it revoked our credentials.
         self._revoked: str | None = None
 
     async def __aenter__(self) -> "Client":
@@ -170,11 +169,9 @@ class Client:
         async with self._connecting:
             if self.connected and not self._session.going_away:
                 return self._session
-            old = self._session
-            if old is not None and not old.is_open:
-                old.close()
-                if old.peer_close is not None and old.peer_close[0] == Status.UNAUTHORIZED:
-                    self._revoked = old.peer_close[1] or "unauthorized"
+            if self._session is not None and not self._session.is_open:
+                self._session.close()
+                self._revoked = _revocation(self._session)
             # A session that is going away keeps serving its in-flight requests until
             # the node closes it; new requests go to a fresh connection.
             self._session = None
@@ -197,16 +194,19 @@ class Client:
                                   f"the handshake ({exc})") from None
             except HandshakeFailed as exc:
                 if isinstance(exc, AuthenticationFailed) and self._revoked:
-                    raise Unauthorized(
-                        f"{self.host}:{self.port} closed this user's connection "
-                        f"({self._revoked}) and refuses to authenticate it again") from None
+                    raise self._refused_after_revocation() from None
                 if isinstance(exc, AuthenticationFailed) or exc.code != Status.UNAVAILABLE:
                     raise
                 raise Unavailable(f"{self.host}:{self.port} cannot authenticate anyone right "
                                   f"now (its database is unavailable)") from None
             self._session = session
-            self._revoked = None
             return session
+
+    def _refused_after_revocation(self) -> Unauthorized:
+        """The node refuses to authenticate us after it closed our session because it
+        revoked our credentials: say that, not only "authentication failed"."""
+        return Unauthorized(f"{self.host}:{self.port} closed this user's connection "
+                            f"({self._revoked}) and refuses to authenticate it again")
 
     async def close(self) -> None:
         if self._session is not None:
@@ -351,6 +351,15 @@ class Client:
             args["expire"] = expire
         reply = await self.request("POST", "/_node/token", args=args, token=None)
         return reply.text
+
+
+def _revocation(session: Session) -> str | None:
+    """The reason the node gave when it closed ``session`` because it revoked the
+    credentials the session was opened with (CLOSE 401, SPEC.md §8); else None."""
+    closed = session.peer_close
+    if closed is not None and closed[0] == Status.UNAUTHORIZED:
+        return closed[1] or "unauthorized"
+    return None
 
 
 def _check_request_line(method: str, path: str) -> None:
