@@ -21,7 +21,8 @@ LAYERS: list[set[str]] = [
      "utesla_node.eager", "utesla_node.proxy", "utesla_node.workers", "utesla_node.loopwatch"},
     {"utesla_node.config", "utesla_node.keys", "utesla_node.storage", "utesla_node.status"},
     {"utesla_node.auth", "utesla_node.services", "utesla_node.transport"},
-    {"utesla_node.gate", "utesla_node.response", "utesla_node.client", "utesla_node.admin"},
+    {"utesla_node.gate", "utesla_node.response", "utesla_node.client", "utesla_node.admin",
+     "utesla_node.revocation"},
     {"utesla_node.network"},                                          # links, gossip, router
     {"utesla_node.builtins"},
     {"utesla_node.dispatch", "utesla_node.metrics_http"},

@@ -9,6 +9,10 @@
 
 Many requests may run concurrently on one client: they share one connection,
 each on its own stream.  After the connection breaks, the next call reconnects.
+
+A node closes the connections of a user it removed, or whose key it changed
+(CLOSE 401, docs/security.md): requests in flight then fail with ``Unauthorized``
+naming the reason, and so does the next call, when connecting again is refused.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from urllib.parse import urlsplit
 from protocol import Settings
 from protocol.crypto import PrivateKey, PublicKey
 from protocol.errors import (AuthenticationFailed, HandshakeFailed, BadRequest, Cancelled, ProtocolError,
-                             RequestTimeout, Status, StatusError, Unavailable, error_for_status)
+                             RequestTimeout, Status, StatusError, Unauthorized, Unavailable,
+                             error_for_status)
 from protocol.messages import MAX_METHOD, MAX_PATH
 
 from .keys import load_private_key, load_public_key
@@ -144,6 +149,8 @@ class Client:
         self.settings = settings or Settings()
         self._session: Session | None = None
         self._connecting: asyncio.Lock | None = None
+        #: Why the node ended the last session we dropped, if it revoked our credentials.
+        self._revoked: str | None = None
 
     async def __aenter__(self) -> "Client":
         await self.connect()
@@ -177,6 +184,7 @@ class Client:
                 return session
             if session is not None and not session.is_open:
                 session.close()
+                self._revoked = _revocation(session)
             # A session that is going away keeps serving its in-flight requests until
             # the node closes it; new requests go to a fresh connection.
             self._session = None
@@ -211,6 +219,8 @@ class Client:
                               f"the handshake ({exc})") from None
         except HandshakeFailed as exc:
             self._forget(session)
+            if isinstance(exc, AuthenticationFailed) and self._revoked:
+                raise self._refused_after_revocation() from None
             if isinstance(exc, AuthenticationFailed) or exc.code != Status.UNAVAILABLE:
                 raise
             raise Unavailable(f"{self.host}:{self.port} cannot authenticate anyone right "
@@ -219,6 +229,12 @@ class Client:
     def _forget(self, session: Session) -> None:
         if self._session is session:
             self._session = None
+
+    def _refused_after_revocation(self) -> Unauthorized:
+        """The node refuses to authenticate us after it closed our session because it
+        revoked our credentials: say that, not only "authentication failed"."""
+        return Unauthorized(f"{self.host}:{self.port} closed this user's connection "
+                            f"({self._revoked}) and refuses to authenticate it again")
 
     async def close(self) -> None:
         if self._session is not None:
@@ -375,6 +391,15 @@ class Client:
             args["expire"] = expire
         reply = await self.request("POST", "/_node/token", args=args, token=None)
         return reply.text
+
+
+def _revocation(session: Session) -> str | None:
+    """The reason the node gave when it closed ``session`` because it revoked the
+    credentials the session was opened with (CLOSE 401, SPEC.md §8); else None."""
+    closed = session.peer_close
+    if closed is not None and closed[0] == Status.UNAUTHORIZED:
+        return closed[1] or "unauthorized"
+    return None
 
 
 def _check_request_line(method: str, path: str) -> None:

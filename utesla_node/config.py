@@ -108,6 +108,10 @@ class NodeConfig:
     #: ``token_cache_ttl`` + this many seconds ago keeps working (a revocation made
     #: elsewhere during the outage is seen when the database returns).  0: none.
     token_outage_grace: float = 300.0
+    #: Seconds between two checks that the users of open connections still exist with the
+    #: key they authenticated with; the connections of a removed user or a changed key are
+    #: closed (CLOSE 401) within this.  0: never (they stay open until they close).
+    credential_check_interval: float = 0.5
     #: Failed password attempts (``/_node/token``) per user, and per client address, within
     #: ``password_failure_window`` seconds before further attempts are refused (429) for
     #: ``password_backoff`` seconds, doubling with each lockout up to ``password_backoff_max``.
@@ -265,6 +269,8 @@ _KEYS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "grace_period"): ("grace_period", _positive_float),
     ("server", "token_cache_ttl"): ("token_cache_ttl", _non_negative_float),
     ("server", "token_outage_grace"): ("token_outage_grace", _non_negative_float),
+    ("server", "credential_check_interval"): ("credential_check_interval",
+                                              _non_negative_float),
     ("server", "max_password_failures"): ("max_password_failures", _bounded_int(1, 1_000_000)),
     ("server", "max_password_failures_per_ip"): ("max_password_failures_per_ip",
                                                  _bounded_int(1, 1_000_000)),

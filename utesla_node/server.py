@@ -29,6 +29,7 @@ from .gate import Gate
 from .keys import ensure_node_keys
 from .loopwatch import LoopWatch
 from .metrics import Metrics
+from .revocation import RevocationWatcher
 from .services import NodeView, ServiceRegistry, frame_service
 from .storage import open_storage, redact_url
 from .transport import Session
@@ -68,6 +69,7 @@ class Node:
         self.workers = Workers(config.worker_threads, config.worker_processes)
         #: The event loop's watchdog (None when ``loop_block_threshold`` is 0).
         self.loopwatch: LoopWatch | None = None
+        self.revocations: RevocationWatcher | None = None
 
     @property
     def inflight(self) -> int:
@@ -119,6 +121,7 @@ class Node:
                 on_block=lambda lag, service: self.metrics.incr("loop_blocked"))
             self.loopwatch.start()
         self._status_task = loop.create_task(self._write_status_loop(), name="status file")
+        self.revocations.start()
 
     def _wire(self) -> None:
         """Build the parts and hand each its collaborators."""
@@ -137,6 +140,9 @@ class Node:
             service_view=NodeView(cfg, self.key, self.workers))
         self.router = Router(self.network, self.dispatcher.finished, cfg.max_hops)
         self.dispatcher.router = self.router
+        self.revocations = RevocationWatcher(
+            self.storage, lambda: self.sessions, forget_user=self.gate.forget_user,
+            interval=cfg.credential_check_interval, metrics=self.metrics)
 
     async def prometheus(self) -> str:
         """The metrics page: counters, gauges, per-link figures, live traffic."""
@@ -235,6 +241,8 @@ class Node:
             self._server.close()
         if self._status_task is not None:
             self._status_task.cancel()
+        if self.revocations is not None:
+            await self.revocations.stop()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         if self.network is not None:

@@ -344,6 +344,8 @@ class Session(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.close_reason: BaseException | None = None
+        #: (status, reason) of the CLOSE the peer sent; None while it sent none.
+        self.peer_close: tuple[int, str] | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._pongs: collections.deque[asyncio.Future] = collections.deque()
         self._slot_waiters: collections.deque[asyncio.Future] = collections.deque()
@@ -616,6 +618,7 @@ class Session(asyncio.Protocol):
             elif t is GoAwayReceived:
                 self.going_away = True
             elif t is ConnectionClosed:
+                self.peer_close = (ev.status, ev.reason or "")
                 if ev.status not in (Status.OK,):
                     self.close_reason = error_for_status(
                         ev.status, f"peer closed the connection: {ev.reason or ev.status}")

@@ -9,6 +9,8 @@ with the token.  Around that flow:
 * the MariaDB password comes from ``UTESLA_DB_PASSWORD`` when the URL has none;
 * two nodes on one MariaDB database share users and tokens (a token is bound to the user's
   key, not to the node that issued it), and a revocation through one is seen by the other;
+* ``utesla-cli del`` and ``set-key`` through the shared database close the user's
+  connections on every node (each node watches; nobody tells it);
 * the database going away under a running node: requests that need it get 503
   "unavailable", requests that do not (a cached token, ``/_node/ping``) keep working, and
   everything works again afterwards without a restart;
@@ -43,9 +45,10 @@ from urllib.parse import quote
 
 import pytest
 
-from helpers import BIN, REPO, NodeHarness, NodeProcess, run_cli
-from protocol.errors import Unavailable
+from helpers import BIN, REPO, NodeHarness, NodeProcess, run_cli, user_key, wait_for
+from protocol.errors import Unauthorized, Unavailable
 from utesla_node import server as server_module
+from utesla_node.revocation import KEY_CHANGED, REMOVED
 from utesla_node.storage import SCHEMA_VERSION, StorageUnavailable, open_storage
 
 from .conftest import MariaDBBackend, MariaDBServer, SQLiteBackend
@@ -336,6 +339,45 @@ def test_second_node_on_same_mariadb_shares_users_and_tokens(
     cli(two, "revoke", "alice", "--all", "--config", "node.ini")
     gone = call(one, node1, "alice", priv, token1, check=False)
     assert gone.returncode == 1 and "status 401" in gone.stderr, gone.stderr
+
+
+async def test_cli_del_and_set_key_close_sessions_on_every_node_sharing_mariadb(
+        mariadb_db: Db, tmp_path: Path) -> None:
+    # Issue 17 item 6 with several nodes: utesla-cli writes the shared database, and each
+    # node finds out by itself that alice is gone and bob has a new key.
+    one = NodeHarness(tmp_path / "node1", database_url=mariadb_db.url)
+    two = NodeHarness(tmp_path / "node2", database_url=mariadb_db.url)
+    admin = make_folder(tmp_path / "admin", mariadb_db.url)
+    await one.start()
+    await two.start()
+    try:
+        for name in ("alice", "bob", "carol"):
+            await one.add_user(name)
+        two.keys, two.tokens = one.keys, one.tokens
+        users = ("alice", "bob", "carol")
+        clients = {(h, u): h.client(u) for h in (one, two) for u in users}
+        for c in clients.values():
+            assert (await c.get("/hello_world")).text == HELLO
+        (tmp_path / "bob-new.pub").write_text(user_key(tag="bob-new").public.to_pem())
+
+        await asyncio.to_thread(cli, admin, "del", "alice", "--config", "node.ini")
+        await asyncio.to_thread(cli, admin, "set-key", "-u", "bob", "-i",
+                                tmp_path / "bob-new.pub", "--config", "node.ini")
+
+        await wait_for(lambda: not any(clients[h, u].connected
+                                       for h in (one, two) for u in ("alice", "bob")), 10)
+        for h in (one, two):
+            with pytest.raises(Unauthorized, match=REMOVED):
+                await clients[h, "alice"].get("/hello_world")
+            with pytest.raises(Unauthorized, match=KEY_CHANGED):
+                await clients[h, "bob"].get("/hello_world")
+            carol = clients[h, "carol"]
+            session = await carol.connect()
+            assert (await carol.get("/hello_world")).text == HELLO
+            assert await carol.connect() is session                 # never closed
+    finally:
+        await one.stop()
+        await two.stop()
 
 
 # --------------------------------------------------------------------------- outages

@@ -169,6 +169,30 @@ async def test_unicode_names_round_trip(storage: Storage) -> None:
     assert [u.name for u in await storage.list_users()] == sorted(names)
 
 
+async def test_user_keys_answers_the_current_key_of_each_registered_name(
+        storage: Storage) -> None:
+    # The revocation watcher's one read: registered names with their key, others left out.
+    await storage.add_user(user("alice", public_key="ALICE PEM"))
+    await storage.add_user(user("bob", public_key="BOB PEM"))
+    await storage.add_user(user("alice ", public_key="SPACE PEM"))
+    assert await storage.user_keys([]) == {}
+    assert await storage.user_keys(["alice", "bob", "carol", "Alice", "alice", "x" * 1000,
+                                    ""]) == {"alice": "ALICE PEM", "bob": "BOB PEM"}
+    assert await storage.user_keys({"alice "}) == {"alice ": "SPACE PEM"}
+    await storage.set_public_key("alice", "NEW PEM")
+    await storage.delete_user("bob")
+    assert await storage.user_keys(("alice", "bob")) == {"alice": "NEW PEM"}
+
+
+async def test_user_keys_reads_more_names_than_one_statement_holds(storage: Storage) -> None:
+    # 1,200 names: three IN lists (SQLite's oldest limit is 999 variables per statement).
+    names = [f"user{i:04d}" for i in range(1200)]
+    registered = names[::97] + names[-1:]
+    for name in registered:
+        await storage.add_user(user(name, public_key=f"PEM of {name}"))
+    assert await storage.user_keys(names) == {n: f"PEM of {n}" for n in registered}
+
+
 async def test_impossible_keys_find_nothing(storage: Storage) -> None:
     assert await storage.get_user("x" * 1000) is None
     assert await storage.get_user("") is None

@@ -22,7 +22,7 @@ import struct
 import time
 
 from protocol.crypto import PublicKey
-from protocol.errors import ProtocolError, Status, StatusError
+from protocol.errors import AuthenticationFailed, ProtocolError, Status, StatusError
 
 from ..client import parse_url
 from ..proxy import ProxyError, choose
@@ -69,6 +69,9 @@ class Link:
         self.rtt: float | None = None
         self.since: float | None = None
         self.last_error = ""
+        #: The peer closed the link because it revoked our account there (its CLOSE 401
+        #: reason): kept in ``last_error`` while reconnecting is refused, until the link is up.
+        self.revoked = ""
         self.failures = 0
         self.synced = False        # the peer's first table arrived on this subscription
         self.token_expires_at: float | None = None    # as the peer said when we renewed
@@ -104,8 +107,10 @@ class Link:
         backoff = BACKOFF_MIN
         engine = self.network.engine
         while True:
+            connected = False
             try:
                 await self._connect()
+                connected = True
                 backoff = BACKOFF_MIN
                 self.failures = 0
                 await self._serve()
@@ -113,6 +118,13 @@ class Link:
                 raise
             except (StatusError, ProtocolError, OSError, GossipError, asyncio.TimeoutError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                closed = self.session.peer_close if connected else None
+                if closed is not None and closed[0] == Status.UNAUTHORIZED:
+                    self.revoked = closed[1] or "unauthorized"
+                    self.last_error = f"the peer closed the link: {self.revoked}"
+                elif self.revoked and isinstance(exc, AuthenticationFailed):
+                    self.last_error = (f"AuthenticationFailed: {exc} (the peer closed the "
+                                       f"link earlier: {self.revoked})")
                 self.failures += 1
                 level = logging.WARNING if self.failures <= 3 or self.failures % 50 == 0 \
                     else logging.DEBUG
@@ -218,6 +230,7 @@ class Link:
         if self.state != "up":
             log.info("link to %s is up (%s)", self.peer.url, self.peer_id[:20])
         self.state = "up"
+        self.revoked = ""
         self.since = time.time()
         buf = bytearray()
         max_routes = engine.max_routes

@@ -297,6 +297,12 @@ class Storage(abc.ABC):
         """The user called ``name`` (exact, case-sensitive match), or None."""
 
     @abc.abstractmethod
+    async def user_keys(self, names: Iterable[str]) -> dict[str, str]:
+        """``{name: public key PEM}`` of those of ``names`` that are registered, read in one
+        transaction (a node's check of its open sessions: a name missing from the answer
+        was removed, a different key was changed).  Impossible names find nothing."""
+
+    @abc.abstractmethod
     async def list_users(self) -> list[User]:
         """All users, ordered by name (code point order on both backends)."""
 
