@@ -271,7 +271,10 @@ class Workers:
         if ctx is not None:
             for p in list(ctx.processes):
                 if p.is_alive():
-                    p.terminate()
+                    try:
+                        p.terminate()
+                    except ProcessLookupError:   # it ended meanwhile (3.10 raises then)
+                        pass
 
     def close(self) -> None:
         """Take no more work; cancel what has not started; end the worker processes
